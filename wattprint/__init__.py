@@ -1,0 +1,3 @@
+"""wattprint: a GPU-native energy profiler for LLM inference."""
+
+__version__ = "0.1.0"

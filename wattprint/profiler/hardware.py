@@ -1,0 +1,112 @@
+"""Hardware profiles: the coefficients the cost model and the attribution start from.
+
+A profile is a YAML mapping with the keys of :class:`HardwareProfile` (calibrated profiles may add
+``energy_per_kv_byte_j`` and a ``fit`` section). ``load_profile`` accepts a path or the name of a
+shipped profile (``h100-sxm``, ``h200``, ``a100-sxm``, ``l4``, ``cpu``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from wattprint.configs import config_dir
+from wattprint.errors import ConfigError
+
+REQUIRED_KEYS = (
+    "name",
+    "tdp_w",
+    "idle_power_w",
+    "static_power_w",
+    "energy_per_flop_j",
+    "energy_per_byte_j",
+    "peak_flops",
+    "peak_bandwidth_bytes_s",
+)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    tdp_w: float
+    idle_power_w: float
+    static_power_w: float
+    energy_per_flop_j: float
+    energy_per_byte_j: float
+    peak_flops: float
+    peak_bandwidth_bytes_s: float
+    energy_per_kv_byte_j: float | None = None
+    fit: dict = field(default_factory=dict)
+
+    @property
+    def kv_byte_j(self) -> float:
+        """Energy per KV-cache byte: the calibrated figure, else energy per DRAM byte."""
+        return self.energy_per_kv_byte_j if self.energy_per_kv_byte_j is not None else self.energy_per_byte_j
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in REQUIRED_KEYS}
+        if self.energy_per_kv_byte_j is not None:
+            out["energy_per_kv_byte_j"] = self.energy_per_kv_byte_j
+        if self.fit:
+            out["fit"] = self.fit
+        return out
+
+
+def shipped_profiles() -> dict[str, Path]:
+    """Name -> path of every profile shipped in ``configs/hardware``."""
+    return {p.stem: p for p in sorted((config_dir() / "hardware").glob("*.yaml"))}
+
+
+def profile_from_dict(data: dict, origin: str = "<dict>") -> HardwareProfile:
+    if not isinstance(data, dict):
+        raise ConfigError("a hardware profile must be a YAML mapping", origin)
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ConfigError(f"hardware profile lacks {', '.join(missing)}", origin)
+    values = {}
+    for key in REQUIRED_KEYS[1:] + ("energy_per_kv_byte_j",):
+        if key not in data or (key == "energy_per_kv_byte_j" and data[key] is None):
+            continue
+        v = data[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"hardware profile key {key!r} must be a non-negative number, got {v!r}", origin)
+        values[key] = float(v)
+    if values["tdp_w"] <= 0:
+        raise ConfigError("hardware profile key 'tdp_w' must be positive", origin)
+    fit = data.get("fit") or {}
+    if not isinstance(fit, dict):
+        raise ConfigError("hardware profile key 'fit' must be a mapping", origin)
+    return HardwareProfile(name=str(data["name"]), fit=fit, **values)
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Load a profile from a YAML path, or by the name of a shipped one."""
+    p = Path(name_or_path)
+    if not p.exists():
+        shipped = shipped_profiles()
+        if str(name_or_path) in shipped:
+            p = shipped[str(name_or_path)]
+        else:
+            raise ConfigError(
+                f"no hardware profile file or shipped profile named {str(name_or_path)!r} "
+                f"(shipped: {', '.join(shipped)})"
+            )
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read hardware profile: {exc}", str(p)) from exc
+    return profile_from_dict(data, str(p))
+
+
+def save_profile(profile: HardwareProfile, path: str | Path, header: str = "") -> None:
+    """Write a profile atomically (temp file + rename): an interruption leaves no half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    text = (header if header.endswith("\n") or not header else header + "\n") + yaml.safe_dump(
+        profile.to_dict(), sort_keys=False
+    )
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,49 @@
+"""What attribution produces: per-request breakdowns and window totals (the requests.jsonl and
+summary.json schemas of ``docs/formats.md``)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RequestResult(msgspec.Struct):
+    """One request's energy. ``prefill_j + decode_j == energy_j``; ``kv_j`` is part of it."""
+
+    id: str
+    energy_j: float
+    prefill_j: float
+    decode_j: float
+    kv_j: float
+    kv_read_bytes: float
+    kv_write_bytes: float
+    prompt_tokens: int
+    output_tokens: int
+    flops: float
+    stratum: str | None
+    source: str
+    t_start: float | None = None  # first step start (seconds, the steps' clock)
+    t_end: float | None = None  # last step end
+    model: str | None = None
+    status: str = "final"  # "final", or "provisional" while the request is still running / not yet settled
+
+    @property
+    def j_per_output_token(self) -> float | None:
+        return self.energy_j / self.output_tokens if self.output_tokens else None
+
+
+class Totals(msgspec.Struct):
+    """Conservation at one instant: ``attributed_j + idle_j == measured_j``."""
+
+    measured_j: float
+    attributed_j: float
+    idle_j: float
+    source: str
+    t_start: float | None = None
+    t_end: float | None = None
+    prefill_j: float = 0.0
+    decode_j: float = 0.0
+    kv_j: float = 0.0
+    requests: int = 0
+    steps: int = 0
+    device_measured_j: list[float] = msgspec.field(default_factory=list)
+    coefficients: dict = msgspec.field(default_factory=dict)

@@ -47,3 +47,9 @@ class Totals(msgspec.Struct):
     steps: int = 0
     device_measured_j: list[float] = msgspec.field(default_factory=list)
     coefficients: dict = msgspec.field(default_factory=dict)
+    #: breakdowns of attributed_j, cumulative, keyed by raw stratum ("" when none was given)
+    energy_j_by_phase_stratum: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+    kv_j_by_stratum: dict[str, float] = msgspec.field(default_factory=dict)
+    tokens_by_phase_stratum: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+    kv_read_bytes: float = 0.0
+    kv_write_bytes: float = 0.0

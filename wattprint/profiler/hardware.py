@@ -71,6 +71,11 @@ def profile_from_dict(data: dict, origin: str = "<dict>") -> HardwareProfile:
         if key not in data or (key == "energy_per_kv_byte_j" and data[key] is None):
             continue
         v = data[key]
+        if isinstance(v, str):  # YAML 1.1 reads "9.89e14" (no dot, no exponent sign) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"hardware profile key {key!r} must be a non-negative number, got {v!r}", origin)
         values[key] = float(v)

@@ -1,2 +1,188 @@
-def main(argv=None):
+"""The ``wattprint`` command. Subcommands import what they need lazily, so ``--help`` is instant.
+
+Exit codes: 0 success, 2 bad input or configuration (the message names the file and line), 1 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from wattprint import __version__
+from wattprint.errors import WattprintError
+
+
+def _atomic_write(path: str | Path, data: bytes) -> None:
+    """Write a file whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _model_geometry(spec: str):
+    """A config.json path, a model directory, or the name of a shipped config (configs/models)."""
+    from wattprint.configs import config_dir
+    from wattprint.errors import ConfigError
+    from wattprint.profiler.costmodel import geometry_from_config
+
+    p = Path(spec)
+    if not p.exists():
+        shipped = config_dir() / "models" / f"{spec}.json"
+        if not shipped.exists():
+            names = ", ".join(sorted(x.stem for x in (config_dir() / "models").glob("*.json")))
+            raise ConfigError(f"no model config file or shipped model named {spec!r} (shipped: {names})")
+        p = shipped
+    return geometry_from_config(p)
+
+
+def _energy_source(samples) -> str:
+    sources = {s.source for s in samples if s.source}
+    return sources.pop() if len(sources) == 1 else ("mixed" if sources else "unknown")
+
+
+def cmd_attribute(args) -> int:
+    import msgspec
+
+    from wattprint.exporters.report import print_report
+    from wattprint.profiler.attribution import attribute
+    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.records import read_energy, read_steps
+
+    g = _model_geometry(args.model)
+    hw = load_profile(args.hardware)
+    steps = read_steps(args.steps)
+    samples = read_energy(args.energy)
+    source = args.source or _energy_source(samples)
+    result = attribute(steps, samples, g, hw, source=source, window_s=args.window_s, model_name=g.name,
+                       energy_path=str(args.energy))
+    enc = msgspec.json.Encoder()
+    _atomic_write(args.out, b"".join(enc.encode(r) + b"\n" for r in result.requests))
+    summary = msgspec.to_builtins(result.totals)
+    summary.update(model=g.name, model_geometry=g.to_dict(), hardware=hw.name,
+                   conservation_error=abs(result.totals.attributed_j + result.totals.idle_j
+                                          - result.totals.measured_j) / max(result.totals.measured_j, 1e-300))
+    if args.summary:
+        _atomic_write(args.summary, msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n")
+    if not args.quiet:
+        print_report(result.requests, result.totals, limit=args.limit)
     return 0
+
+
+def cmd_simulate(args) -> int:
+    from rich.console import Console
+
+    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.simulate import WorkloadSpec, simulate
+
+    g = _model_geometry(args.model)
+    hw = load_profile(args.hardware)
+    spec = WorkloadSpec(requests=args.requests, rate_rps=args.rate, seed=args.seed,
+                        max_batched_tokens=args.max_batched_tokens)
+    sim = simulate(g, hw, spec, n_devices=args.devices)
+    sim.write(args.out)
+    Console(stderr=True).print(
+        f"[bold]simulated[/] {len(sim.steps)} steps, {len(sim.truth)} requests, {args.devices} device(s) "
+        f"-> {args.out}/steps.jsonl, energy.jsonl, truth.jsonl (source: simulated, not a measurement)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The offline demo: simulate a trace on the GPU twin, attribute it, compare with the truth."""
+    import msgspec
+    import numpy as np
+    from rich.console import Console
+
+    from wattprint.exporters.report import print_report
+    from wattprint.profiler.attribution import attribute
+    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.simulate import WorkloadSpec, simulate
+
+    console = Console()
+    console.rule("[bold]wattprint demo (offline)")
+    console.print("[yellow bold]No GPU energy counter is used here: the energy comes from wattprint's "
+                  "simulated H100 twin (source: simulated).[/]")
+    g = _model_geometry(args.model)
+    hw = load_profile(args.hardware)
+    with console.status("simulating a Poisson workload on the twin..."):
+        sim = simulate(g, hw, WorkloadSpec(requests=args.requests, rate_rps=args.rate, seed=args.seed))
+        out = Path(args.out)
+        sim.write(out)
+    with console.status("attributing measured joules to requests..."):
+        result = attribute(sim.steps, sim.energy, g, hw, source="simulated", model_name=g.name)
+    print_report(result.requests, result.totals, limit=args.limit, console=console)
+    enc = msgspec.json.Encoder()
+    _atomic_write(out / "requests.jsonl", b"".join(enc.encode(r) + b"\n" for r in result.requests))
+    _atomic_write(out / "summary.json", msgspec.json.encode(msgspec.to_builtins(result.totals)))
+    err = np.array([abs(r.energy_j / sim.truth[r.id].energy_j - 1) for r in result.requests])
+    console.print(f"accuracy against the twin's ground truth: per-request error median "
+                  f"{100 * np.median(err):.2f} %, p95 {100 * np.percentile(err, 95):.2f} %")
+    console.print(f"files in {out}/: steps.jsonl energy.jsonl truth.jsonl requests.jsonl summary.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wattprint", description="GPU-native energy profiler for LLM inference")
+    p.add_argument("--version", action="version", version=f"wattprint {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("attribute", help="attribute measured energy of a recorded trace to requests")
+    a.add_argument("--steps", required=True, help="steps.jsonl")
+    a.add_argument("--energy", required=True, help="energy.jsonl")
+    a.add_argument("--model", required=True, help="model config.json, model directory, or shipped name")
+    a.add_argument("--hardware", required=True, help="hardware profile YAML or shipped name (e.g. h100-sxm)")
+    a.add_argument("--out", required=True, help="requests.jsonl to write")
+    a.add_argument("--summary", help="summary.json to write")
+    a.add_argument("--window-s", type=float, default=2.0, help="settlement block length (s)")
+    a.add_argument("--source", help="override the energy source label")
+    a.add_argument("--limit", type=int, default=20, help="rows of the printed table")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(func=cmd_attribute)
+
+    s = sub.add_parser("simulate", help="generate a trace on the simulated GPU twin (with ground truth)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", default="llama-3.1-8b")
+    s.add_argument("--hardware", default="h100-sxm")
+    s.add_argument("--requests", type=int, default=300)
+    s.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate (requests/s)")
+    s.add_argument("--devices", type=int, default=1, help="tensor-parallel GPUs")
+    s.add_argument("--max-batched-tokens", type=int, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="the main job on an embedded default")
+    d.add_argument("--out", default="wattprint-demo")
+    d.add_argument("--model", default="llama-3.1-8b")
+    d.add_argument("--hardware", default="h100-sxm")
+    d.add_argument("--requests", type=int, default=200)
+    d.add_argument("--rate", type=float, default=6.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--limit", type=int, default=15)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WattprintError as exc:
+        print(f"wattprint {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wattprint {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,7 +107,7 @@ def geometry_from_config(config: dict | str | Path, name: str | None = None) -> 
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model config is not valid JSON: {exc.msg}", origin, exc.lineno) from exc
         if name is None:
-            name = p.parent.name or p.stem
+            name = (p.parent.name if p.name == "config.json" else p.stem) or p.stem
     if not isinstance(config, dict):
         raise ConfigError("model config must be a JSON object", origin)
     if isinstance(config.get("text_config"), dict) and "model_type" not in config:

@@ -147,8 +147,8 @@ class GpuTwin:
     profile: HardwareProfile
     flop_util_slope: float = 0.4  # energy per FLOP = e_flop·(1 - slope/2 + slope·u), u = achieved/peak
     idle_tau_s: float = 2.5  # idle power decays slowly after activity
-    tail_tau_s: float = 0.03  # the last step's dynamic power fades over tens of ms
-    tail_fraction: float = 0.25
+    tail_tau_s: float = 0.02  # the last step's dynamic power fades over ~20 ms (not identifiable from the counter)
+    tail_fraction: float = 0.10
     cap_exponent: float = 0.7  # a capped step stretches by (P_uncapped / TDP) ** exponent
 
     def energy_per_flop_j(self, utilisation):

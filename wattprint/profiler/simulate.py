@@ -1,0 +1,229 @@
+"""Trace simulator: a vLLM-like scheduler serving Poisson arrivals on the GPU twin.
+
+It produces exactly what a real run records - ``steps.jsonl`` and ``energy.jsonl`` (a 50 Hz poller
+of an NVML-like counter) - plus the ground truth no real run has: the true energy of every step,
+split between requests by the v1 convention (``docs/attribution.md``), and the true idle energy.
+
+Ground truth is expressed on the sensor's scale (true joules × the board's gain error): the gain is a
+property of the sensor that attribution cannot see, only an external reference could remove it. The
+physical joules are written alongside (``physical_j``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from wattprint.profiler import costmodel as cm
+from wattprint.profiler.costmodel import ModelGeometry
+from wattprint.profiler.hardware import HardwareProfile
+from wattprint.profiler.meters.simulated import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
+from wattprint.profiler.records import EnergySample, RequestEntry, StepRecord, encode_line
+
+STRATA = ("critical", "science", "productive", "agentic")
+
+
+@dataclass
+class WorkloadSpec:
+    """What arrives: Poisson arrivals, log-uniform prompts, uniform output lengths, optional quiet periods."""
+
+    requests: int = 300
+    rate_rps: float = 8.0
+    prompt_min: int = 8
+    prompt_max: int = 6000
+    output_min: int = 1
+    output_max: int = 1500
+    max_batched_tokens: int = 2048  # vLLM's max_num_batched_tokens (chunked prefill budget)
+    max_seqs: int = 256
+    busy_s: float = 40.0  # arrivals come for busy_s, then pause for quiet_s (idle periods)
+    quiet_s: float = 4.0
+    seed: int = 0
+
+
+@dataclass
+class TruthRequest:
+    id: str
+    energy_j: float = 0.0
+    prefill_j: float = 0.0
+    decode_j: float = 0.0
+    kv_j: float = 0.0
+    physical_j: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    stratum: str | None = None
+
+
+@dataclass
+class SimResult:
+    steps: list[StepRecord]
+    energy: list[EnergySample]
+    truth: dict[str, TruthRequest]
+    truth_idle_j: float
+    truth_step_j: np.ndarray  # sensor-scale true energy of each step (summed over devices)
+    measured_j: float
+    physical_j: float
+    gains: list[float]
+    traces: list[PowerTrace] = field(repr=False, default_factory=list)
+
+    def write(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "steps.jsonl", "wb") as f:
+            for s in self.steps:
+                f.write(encode_line(s))
+        with open(out / "energy.jsonl", "wb") as f:
+            for e in self.energy:
+                f.write(encode_line(e))
+        with open(out / "truth.jsonl", "wb") as f:
+            for t in self.truth.values():
+                f.write(msgspec.json.encode({k: (float(v) if isinstance(v, np.floating) else v) for k, v in t.__dict__.items()}) + b"\n")
+        summary = {
+            "idle_j": float(self.truth_idle_j), "measured_j": float(self.measured_j), "physical_j": float(self.physical_j),
+            "gains": self.gains, "source": "simulated",
+            "note": "ground truth on the sensor's scale (true joules x board gain); physical_j without the gain",
+        }
+        (out / "truth_summary.json").write_bytes(msgspec.json.encode(summary))
+
+
+@dataclass
+class _Req:
+    id: str
+    arrival_s: float
+    prompt: int
+    output: int
+    stratum: str
+    computed: int = 0
+    generated: int = 0
+
+
+def _arrivals(spec: WorkloadSpec, rng: np.random.Generator) -> list[_Req]:
+    reqs, t = [], 0.0
+    lo, hi = math.log(spec.prompt_min), math.log(spec.prompt_max)
+    for i in range(spec.requests):
+        t += rng.exponential(1.0 / spec.rate_rps)
+        cycle = spec.busy_s + spec.quiet_s
+        if spec.quiet_s > 0 and (t % cycle) > spec.busy_s:  # skip the quiet part of the cycle
+            t += cycle - (t % cycle)
+        prompt = int(round(math.exp(rng.uniform(lo, hi))))
+        output = int(rng.integers(spec.output_min, spec.output_max + 1))
+        reqs.append(_Req(f"req-{i:06d}", t, prompt, output, STRATA[int(rng.integers(len(STRATA)))]))
+    return reqs
+
+
+def step_duration_s(g: ModelGeometry, hw: HardwareProfile, flops: float, bytes_: float, tokens: int,
+                    rng: np.random.Generator) -> float:
+    """Roofline-style step time: compute and memory partly overlapped, plus launch overhead."""
+    mfu = 0.70 * tokens / (tokens + 96.0)
+    t_c = flops / (hw.peak_flops * max(mfu, 1e-3))
+    t_m = bytes_ / (0.8 * hw.peak_bandwidth_bytes_s)
+    return (max(t_c, t_m) + 0.25 * min(t_c, t_m) + 0.8e-3) * float(rng.lognormal(0.0, 0.03))
+
+
+def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_devices: int = 1,
+             poll_hz: float = 50.0, twin: GpuTwin | None = None) -> SimResult:
+    """Run the workload on the twin; return steps, energy samples and ground truth."""
+    rng = np.random.default_rng(spec.seed)
+    twin = twin or GpuTwin(hw)
+    k_tok = g.kv_bytes_per_token
+    reqs = _arrivals(spec, rng)
+    pending = deque(reqs)
+    running: list[_Req] = []
+    truth = {r.id: TruthRequest(r.id, prompt_tokens=r.prompt, stratum=r.stratum) for r in reqs}
+    t_begin = reqs[0].arrival_s - 1.0
+    traces = [PowerTrace(t_begin - 3600.0, hw.idle_power_w) for _ in range(n_devices)]
+    steps: list[StepRecord] = []
+    step_true = []
+    t = reqs[0].arrival_s
+    e_byte = hw.energy_per_byte_j
+    while pending or running:
+        if not running and pending and pending[0].arrival_s > t:
+            t = pending[0].arrival_s
+        while pending and pending[0].arrival_s <= t and len(running) < spec.max_seqs:
+            running.append(pending.popleft())
+        budget = spec.max_batched_tokens
+        batch: list[tuple[_Req, int, bool]] = []
+        for r in running:
+            if budget <= 0:
+                break
+            prefill = r.computed < r.prompt
+            n = min(r.prompt - r.computed, budget) if prefill else 1
+            budget -= n
+            batch.append((r, n, prefill))
+        if not batch:
+            continue
+        new = np.array([n for _, n, _ in batch], dtype=float)
+        ctx = np.array([r.computed for r, _, _ in batch], dtype=float)
+        T_step = new.sum()
+        flops_r = cm.request_flops(g, new, ctx)
+        kv_r = k_tok * (ctx + new)
+        F, B = float(flops_r.sum()), float(kv_r.sum() + g.weight_bytes)
+        dt = step_duration_s(g, hw, F / n_devices, B / n_devices, int(T_step), rng)
+        dt, power, e_flop = twin.step(F / n_devices, B / n_devices, dt)
+        t0, t1 = t, t + dt
+        for tr in traces:
+            twin.append_busy(tr, t0, t1, power)
+        # ground truth: the step's true energy split by the v1 convention with the step's true coefficients
+        phys = power * dt * n_devices
+        sensor_j = phys  # scaled by gains below, once they are drawn
+        d_r = e_flop * flops_r + e_byte * kv_r + e_byte * g.weight_bytes * new / T_step
+        share = phys * d_r / d_r.sum()
+        kv_share = share * (e_byte * kv_r) / d_r
+        entries = []
+        for (r, n, prefill), sj, kj in zip(batch, share, kv_share):
+            tr_ = truth[r.id]
+            tr_.physical_j += sj
+            tr_.kv_j += kj
+            if prefill:
+                tr_.prefill_j += sj
+            else:
+                tr_.decode_j += sj
+            entries.append(RequestEntry(r.id, n if prefill else 0, 0 if prefill else n, r.computed, r.stratum))
+            r.computed += n
+            if r.computed >= r.prompt:
+                r.generated += 1
+                if r.generated >= r.output:
+                    entries[-1].finished = True
+        step_true.append(sensor_j)
+        steps.append(StepRecord(len(steps), t0, t1, entries))
+        running = [r for r in running if r.generated < r.output]
+        t = t1 + float(rng.uniform(0.1e-3, 0.6e-3))  # scheduler/CPU gap between steps
+    t_end = steps[-1].t_end + 1.0
+
+    # the sensor: each device has its own gain, latency and publish phase; a 50 Hz poller reads it
+    energy: list[EnergySample] = []
+    gains, measured, physical = [], 0.0, 0.0
+    polls = poll_times(t_begin, t_end, poll_hz, rng)
+    per_dev = []
+    for d, tr in enumerate(traces):
+        fx = SensorEffects.realistic(rng)
+        pub = fx.publish_times(t_begin - 0.5, t_end + 0.5, rng)
+        seen = poll_counter(pub, fx.counter_values_j(tr, pub), polls)
+        per_dev.append(seen)
+        gains.append(fx.gain)
+        measured += float(seen[-1] - seen[0])
+        physical += float(tr.energy_until(t_end) - tr.energy_until(t_begin))
+    for i, tp in enumerate(polls.tolist()):
+        for d in range(n_devices):
+            energy.append(EnergySample(tp, d, float(per_dev[d][i]), "simulated"))
+    mean_gain = float(np.mean(gains))
+    for tr_ in truth.values():
+        tr_.energy_j = tr_.physical_j * mean_gain
+        tr_.prefill_j *= mean_gain
+        tr_.decode_j *= mean_gain
+        tr_.kv_j *= mean_gain
+    for r in reqs:
+        truth[r.id].output_tokens = r.generated
+    step_true_arr = np.asarray(step_true) * mean_gain
+    # true idle: energy between steps (and before/after them) over the polled span
+    idle = 0.0
+    starts = np.array([s.t_start for s in steps])
+    ends = np.array([s.t_end for s in steps])
+    for tr, gain in zip(traces, gains):
+        busy = float((tr.energy_until(ends) - tr.energy_until(starts)).sum())
+        idle += gain * (float(tr.energy_until(t_end) - tr.energy_until(t_begin)) - busy)
+    return SimResult(steps, energy, truth, idle, step_true_arr, measured, physical, gains, traces)

@@ -582,11 +582,15 @@ def attribute(steps: Sequence[StepRecord], samples: Sequence[EnergySample], g: M
 
 # ------------------------------------------------------------------------------------------- online
 class OnlineAttributor:
-    """Streaming attribution with bounded memory: the same fit/settle/split core as :func:`attribute`.
+    """Streaming attribution with bounded memory: the fit/settle/split core of :func:`attribute`.
 
     Feed steps (in order) with :meth:`add_step` and meter readings with :meth:`add_reading`; call
-    :meth:`advance` periodically. A block is settled once the counter has changed at least
-    ``window_s`` after the previous block and every step that started before that change has arrived.
+    :meth:`advance` periodically. Blocks end at device 0's counter changes, at least ``window_s``
+    apart (other devices' counters are interpolated there). A block is settled once every device's
+    counter has changed past its end and every step that began before its end has arrived (or
+    ``grace_s`` passed with none). Settling gives the block's measured joules to steps and idle and
+    splits the steps' joules between requests; a finished request is final when its last step is
+    settled, and is then emitted and forgotten.
     """
 
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
@@ -598,24 +602,33 @@ class OnlineAttributor:
         self.half_life_s = fit_half_life_s
         self._steps: list[StepRecord] = []
         self._last_step: StepRecord | None = None
-        self._received_until = -math.inf  # t_end of the newest step received
-        self._settled_until: float | None = None  # all devices settled up to here
+        self._received_until = -math.inf
+        self._max_step_s = 0.0
+        self._settled_until: float | None = None
+        self._prev_end = -_FAR_PAST_S  # end of the last step wholly settled
         self.table = RequestTable()
+        self._emitted: set[int] = set()
         self._dev = [_DeviceState(prior_coefficients(profile, n_devices)) for _ in range(n_devices)]
         self._pending_results: list[RequestResult] = []
         self._totals = Totals(0.0, 0.0, 0.0, source, device_measured_j=[0.0] * n_devices)
-        self._prev_end = -_FAR_PAST_S  # end of the last step fully settled
+        self.late_steps = 0
+        self._flushing = False
 
     # ---- input
     def add_step(self, step: StepRecord) -> None:
+        """Add one step (in order). Raises :class:`InputError` for out-of-order or malformed steps."""
         last = self._last_step
         if last is not None and (step.step <= last.step or step.t_start < last.t_end - 1e-6):
             raise InputError(f"step {step.step} arrived out of order (after step {last.step})")
-        if step.t_end < step.t_start:
+        if not step.t_end >= step.t_start:
             raise InputError(f"step {step.step} ends before it starts")
+        if self._settled_until is not None and step.t_end <= self._settled_until:
+            self.late_steps += 1  # its time was already settled (as idle)
+            return
         self._steps.append(step)
         self._last_step = step
         self._received_until = step.t_end
+        self._max_step_s = max(self._max_step_s, step.t_end - step.t_start)
         t = self.table
         for r in step.requests:
             k = t.slots.get(r.id)
@@ -631,219 +644,230 @@ class OnlineAttributor:
                 t.finished.add(k)
 
     def add_reading(self, reading: Reading) -> None:
+        """Add one meter poll (cumulative joules per device)."""
         for d, e in enumerate(reading.energy_j[: self.n_dev]):
             self._dev[d].observe(reading.t_s, float(e))
 
     # ---- output
     def advance(self, now_s: float) -> list[RequestResult]:
-        """Settle every complete block; return the finished requests that are now final."""
+        """Settle every complete block; return the finished requests that became final."""
         while self._settle_next(now_s):
             pass
         out, self._pending_results = self._pending_results, []
         return out
 
     def totals(self) -> Totals:
-        return msgspec_copy(self._totals)
+        """Cumulative totals at the last settled instant (``attributed_j + idle_j == measured_j``)."""
+        import msgspec
+
+        return msgspec.convert(msgspec.to_builtins(self._totals), Totals)
 
     def lag_s(self, now_s: float) -> float:
+        """How far settlement trails ``now_s`` (seconds)."""
         return now_s - self._settled_until if self._settled_until is not None else 0.0
 
     @property
     def coefficients(self) -> dict:
-        c = self._dev[0].coef
-        return c.as_dict()
+        return self._dev[0].coef.as_dict()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.table.ids) - len(self._emitted)
 
     def provisional(self, request_id: str) -> RequestResult | None:
+        """A request not yet final, as far as it is settled (status ``provisional``)."""
         k = self.table.slots.get(request_id)
-        if k is None:
+        if k is None or k in self._emitted:
             return None
         return self.table.result(k, self.source, self.model, status="provisional")
 
     def finish(self) -> list[RequestResult]:
-        """Shut down: settle what the counter covers, then report every remaining request."""
-        self.advance(math.inf)
-        out = list(self._pending_results)
-        self._pending_results = []
+        """Shut down: settle what the counters cover (a last block may be short), then report every
+        request still held (``provisional`` if its steps reach past the last counter change)."""
+        out = self.advance(math.inf)
+        self._flushing = True
+        try:
+            out += self.advance(math.inf)
+        finally:
+            self._flushing = False
+        unsettled = {self.table.slots[r.id] for s in self._steps for r in s.requests}
         for k in range(len(self.table.ids)):
-            if self.table.ids[k] is not None:
-                out.append(self.table.result(k, self.source, self.model,
-                                             status="final" if k in self.table.finished else "provisional"))
+            if k not in self._emitted:
+                final = k in self.table.finished and k not in unsettled
+                out.append(self.table.result(k, self.source, self.model, status="final" if final else "provisional"))
+                self._emitted.add(k)
         return out
 
     # ---- internals
+    def _block_edges(self, now_s: float) -> tuple[float, float] | None:
+        d0 = self._dev[0]
+        if self._settled_until is None:  # the first block starts where every counter is known
+            if any(len(d.b_t) < 2 for d in self._dev):
+                return None
+            first = max(d.b_t[0] for d in self._dev)
+            starts = [b for b in d0.b_t if b >= first]
+            if not starts:
+                return None
+            start = starts[0]
+        else:
+            start = self._settled_until
+        end = next((b for b in d0.b_t if b >= start + self.window_s), None)
+        if end is None and self._flushing and d0.b_t and d0.b_t[-1] > start:
+            end = d0.b_t[-1]  # shutting down: a last, shorter block
+        if end is None or any(not d.b_t or d.b_t[-1] < end for d in self._dev[1:]):
+            return None
+        grace = max(self.grace_s, 2.0 * self._max_step_s)
+        if self._received_until < end and now_s - end < grace:
+            return None  # a step may still be running across the block's end
+        return start, end
+
     def _settle_next(self, now_s: float) -> bool:
-        # the block end for every device: its first boundary at least window_s after its block start
-        ends = []
-        for dev in self._dev:
-            end = dev.next_block_end(self.window_s)
-            if end is None:
-                return False
-            ends.append(end)
-        t_end = min(b for b, _ in ends)
-        # every step that began before t_end must have arrived
-        if self._received_until < t_end and now_s - t_end < self.grace_s:
+        edges = self._block_edges(now_s)
+        if edges is None:
             return False
-        if self._settled_until is None:
-            self._settled_until = min(dev.b_t[0] for dev in self._dev)
-        steps = self._steps
+        start, end = edges
+        steps = [s for s in self._steps if s.t_start < end]
         cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None
+        self.table.ensure(len(self.table.ids))
         step_energy = np.zeros(len(steps))
         e_flop = np.zeros(len(steps))
         e_byte = 0.0
-        idle_total = 0.0
+        tot = self._totals
         for d, dev in enumerate(self._dev):
-            i_end = dev.index_at_or_after(t_end)
-            b_t = np.asarray(dev.b_t[: i_end + 1])
-            b_e = np.asarray(dev.b_e[: i_end + 1])
-            origin = b_t[0]
+            e0, e1 = dev.energy_at(start), dev.energy_at(end)
+            measured = e1 - e0
             if cols is not None:
-                dev.update_fit(cols, b_t, b_e, origin, self._prev_end, self.half_life_s)
-                energy, idle = settle_device(cols, dev.coef, b_t[[0, -1]], b_e[[0, -1]], origin, self._prev_end)
+                b_t, b_e = dev.boundaries_between(start, end)
+                dev.update_fit(cols, b_t, b_e, start, self._prev_end, self.half_life_s)
+                energy, idle = settle_device(cols, dev.coef, np.array([start, end]), np.array([e0, e1]),
+                                             start, self._prev_end)
                 step_energy += energy
                 e_flop += dev.coef.flop_energy_j(cols)
                 e_byte += dev.coef.energy_per_byte_j
-                idle_j = float(idle.sum())
+                tot.idle_j += float(idle.sum())
             else:
-                idle_j = float(b_e[-1] - b_e[0])
-            idle_total += idle_j
-            measured = float(b_e[-1] - b_e[0])
-            self._totals.device_measured_j[d] += measured
-            self._totals.measured_j += measured
-            dev.drop_until(i_end)
-        self._totals.idle_j += idle_total
-        self._totals.t_end = t_end
-        if self._totals.t_start is None:
-            self._totals.t_start = self._settled_until
+                tot.idle_j += measured
+            tot.device_measured_j[d] += measured
+            tot.measured_j += measured
+            dev.forget_before(end)
+        if tot.t_start is None:
+            tot.t_start = start
+        tot.t_end = end
+        self._settled_until = end
         if cols is not None:
-            self._account(cols, step_energy, e_flop, e_byte, t_end)
-        self._settled_until = t_end
-        self._totals.coefficients = self.coefficients
+            self._account(cols, step_energy, e_flop, e_byte, end)
+        tot.coefficients = self.coefficients
         return True
 
     def _account(self, cols: StepColumns, step_energy: np.ndarray, e_flop: np.ndarray, e_byte: float,
-                 t_end: float) -> None:
+                 end: float) -> None:
         split = split_steps(cols, self.g, step_energy, e_flop, e_byte)
-        # tokens, bytes and FLOPs count once: when the step's end is settled
-        done_steps = cols.t_end <= t_end
-        count = done_steps[cols.step_of]
+        done = cols.t_end <= end  # steps wholly settled: their tokens, bytes and FLOPs count now
+        count = done[cols.step_of]
         self.table.add(cols, split, count_tokens=count)
         tot = self._totals
         attributed = float(step_energy.sum())
-        tot.attributed_j += attributed
         pre = float(split.energy[split.is_prefill].sum())
+        tot.attributed_j += attributed
         tot.prefill_j += pre
         tot.decode_j += attributed - pre
         tot.kv_j += float(split.kv.sum())
-        tot.steps += int(done_steps.sum())
-        strata = np.array([self.table.stratum.get(int(k)) or "" for k in cols.req], dtype=object)
-        for phase, mask in (("prefill", split.is_prefill), ("decode", ~split.is_prefill)):
-            by = tot.energy_j_by_phase_stratum.setdefault(phase, {})
-            tok = tot.tokens_by_phase_stratum.setdefault(phase, {})
-            ntok = np.where(phase == "prefill", cols.prefill, cols.decode) * count
-            for s in set(strata[mask]) if mask.any() else ():
-                m = mask & (strata == s)
-                by[s] = by.get(s, 0.0) + float(split.energy[m].sum())
-                tok[s] = tok.get(s, 0.0) + float(ntok[m].sum())
-        for s in set(strata):
-            m = strata == s
-            tot.kv_j_by_stratum[s] = tot.kv_j_by_stratum.get(s, 0.0) + float(split.kv[m].sum())
+        tot.steps += int(done.sum())
         tot.kv_read_bytes += float((cols.kv_read * count).sum())
         tot.kv_write_bytes += float((cols.kv_write * count).sum())
-        # keep only steps that continue past t_end; finished requests whose last step is settled are final
-        keep = [s for s, done in zip(self._steps, done_steps) if not done]
-        if any(done_steps):
-            self._prev_end = float(cols.t_end[done_steps].max())
-        # a kept (straddling) step: the part before t_end is settled; shift its start
-        self._steps = [StepRecord(s.step, max(s.t_start, t_end), s.t_end, s.requests, s.model) for s in keep]
+        strata = np.array([self.table.stratum.get(int(k)) or "" for k in cols.req], dtype=object)
+        for s in set(strata.tolist()):
+            m = strata == s
+            tot.kv_j_by_stratum[s] = tot.kv_j_by_stratum.get(s, 0.0) + float(split.kv[m].sum())
+            for phase, pm in (("prefill", split.is_prefill), ("decode", ~split.is_prefill)):
+                mm = m & pm
+                if mm.any():
+                    by = tot.energy_j_by_phase_stratum.setdefault(phase, {})
+                    by[s] = by.get(s, 0.0) + float(split.energy[mm].sum())
+            for phase, ntok in (("prefill", cols.prefill), ("decode", cols.decode)):
+                n = float((ntok * count)[m].sum())
+                if n:
+                    tok = tot.tokens_by_phase_stratum.setdefault(phase, {})
+                    tok[s] = tok.get(s, 0.0) + n
+        if done.any():
+            self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
+        self._steps = [s for s in self._steps if s.t_end > end]
         live = {self.table.slots[r.id] for s in self._steps for r in s.requests}
-        for k in sorted(self.table.finished - live):
+        for k in sorted(self.table.finished - live - self._emitted):
             self._pending_results.append(self.table.result(k, self.source, self.model))
+            self._emitted.add(k)
             tot.requests += 1
-        self.table.finished &= live
-        self._evict(live)
+        if len(self._emitted) > 256 and len(self._emitted) * 2 > len(self.table.ids):
+            self._compact()
 
-    def _evict(self, live: set[int]) -> None:
-        """Forget settled finished requests (bounded memory): compact the slot table."""
-        t = self.table
-        done = [k for k in range(len(t.ids)) if k not in live and t.ids[k] is not None
-                and (t.col("t_end")[k] <= (self._settled_until or -math.inf) or True)]
-        # requests still running but not in a pending step keep their slot (they may come back)
-        keep = [k for k in range(len(t.ids)) if k in live or (k not in done)]
-        finished_emitted = {r.id for r in self._pending_results}
-        keep = [k for k in range(len(t.ids)) if k in live or t.ids[k] not in finished_emitted]
-        if len(keep) == len(t.ids):
-            return
+    def _compact(self) -> None:
+        """Forget emitted requests (bounded memory)."""
+        old = self.table
+        keep = [k for k in range(len(old.ids)) if k not in self._emitted]
         new = RequestTable()
         new.ensure(len(keep))
         for j, k in enumerate(keep):
-            new.ids.append(t.ids[k])
-            new.slots[t.ids[k]] = j
-            new.data[:, j] = t.data[:, k]
-            if k in t.stratum:
-                new.stratum[j] = t.stratum[k]
-            if k in t.finished:
+            new.ids.append(old.ids[k])
+            new.slots[old.ids[k]] = j
+            new.data[:, j] = old.data[:, k]
+            if k in old.stratum:
+                new.stratum[j] = old.stratum[k]
+            if k in old.finished:
                 new.finished.add(j)
         self.table = new
-
-
-def msgspec_copy(totals: Totals) -> Totals:
-    import msgspec
-
-    return msgspec.convert(msgspec.to_builtins(totals), Totals)
+        self._emitted = set()
 
 
 @dataclass
 class _DeviceState:
-    """One device's change points, running fit and block position (online)."""
+    """One device's counter change points, running fit and stitching offset (online)."""
 
     coef: Coefficients
     b_t: list = field(default_factory=list)
     b_e: list = field(default_factory=list)
     _last_t: float | None = None
-    _last_e: float | None = None
+    _last_raw: float | None = None
     _offset: float = 0.0
     resets: int = 0
     ne: NormalEquations = field(default_factory=NormalEquations)
     _prior: np.ndarray | None = None
 
-    def observe(self, t: float, e: float) -> None:
-        if self._last_e is not None and e < self._last_e - self._offset:
-            self._offset += (self._last_e - self._offset) - e  # counter reset: stitch
+    def observe(self, t: float, raw_e: float) -> None:
+        if self._last_raw is not None and raw_e < self._last_raw:  # counter reset: stitch
+            self._offset += self._last_raw
             self.resets += 1
-        e += self._offset
-        if self._last_e is not None and e != self._last_e:
+        if self._last_raw is not None and raw_e != self._last_raw:
             self.b_t.append(0.5 * (self._last_t + t))
-            self.b_e.append(e)
-        self._last_t, self._last_e = t, e
+            self.b_e.append(raw_e + self._offset)
+        self._last_t, self._last_raw = t, raw_e
 
-    def next_block_end(self, window_s: float):
-        if len(self.b_t) < 2:
-            return None
-        start = self.b_t[0]
-        for i in range(1, len(self.b_t)):
-            if self.b_t[i] - start >= window_s:
-                return self.b_t[i], i
-        return None
+    def energy_at(self, t: float) -> float:
+        """Cumulative energy at ``t``, interpolated between change points."""
+        return float(np.interp(t, self.b_t, self.b_e))
 
-    def index_at_or_after(self, t: float) -> int:
-        for i, b in enumerate(self.b_t):
-            if b >= t:
-                return i
-        return len(self.b_t) - 1
+    def boundaries_between(self, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
+        bt = np.asarray(self.b_t)
+        m = (bt > t0) & (bt < t1)
+        return (np.concatenate([[t0], bt[m], [t1]]),
+                np.concatenate([[self.energy_at(t0)], np.asarray(self.b_e)[m], [self.energy_at(t1)]]))
 
-    def drop_until(self, i: int) -> None:
-        del self.b_t[:i]
-        del self.b_e[:i]
+    def forget_before(self, t: float) -> None:
+        """Drop change points no longer needed (keep the last one at or before ``t``)."""
+        i = int(np.searchsorted(self.b_t, t, side="right")) - 1
+        if i > 0:
+            del self.b_t[:i]
+            del self.b_e[:i]
 
     def update_fit(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, origin: float,
                    prev_end: float, half_life_s: float) -> None:
         if self._prior is None:
             self._prior = self.coef.theta
+        if len(b_t) < 3:
+            return
         _, capped = self.coef.step_energy(cols)
         X, y = interval_design(cols, self.coef, b_t, b_e, origin, prev_end, capped)
-        decay = 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s)
-        self.ne.add(X, y, decay)
-        if self.ne.n >= 8:
+        self.ne.add(X, y, 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s))
+        if self.ne.n >= 20:
             self.coef = self.coef.with_theta(_solve(self.ne, self._prior))
 
 

@@ -56,11 +56,11 @@ def cmd_attribute(args) -> int:
     from wattprint.exporters.report import print_report
     from wattprint.profiler.attribution import attribute
     from wattprint.profiler.hardware import load_profile
-    from wattprint.profiler.records import read_energy, read_steps
+    from wattprint.profiler.records import load_steps, read_energy
 
     g = _model_geometry(args.model)
     hw = load_profile(args.hardware)
-    steps = read_steps(args.steps)
+    steps = load_steps(args.steps)
     samples = read_energy(args.energy)
     source = args.source or _energy_source(samples)
     result = attribute(steps, samples, g, hw, source=source, window_s=args.window_s, model_name=g.name,

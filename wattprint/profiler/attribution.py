@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import attrgetter
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from wattprint.profiler import costmodel as cm
 from wattprint.profiler.costmodel import ModelGeometry
 from wattprint.profiler.hardware import HardwareProfile
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.records import EnergySample, StepRecord
+from wattprint.profiler.records import EnergySample, EntryArrays, StepRecord, StepTrace, entry_arrays, gc_paused
 from wattprint.profiler.results import RequestResult, Totals
 
 COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",
@@ -90,33 +92,29 @@ class StepColumns:
 
 
 def columns_from_steps(steps: Sequence[StepRecord], g: ModelGeometry,
-                       slots: dict[str, int] | None = None, ids: list[str] | None = None) -> StepColumns:
-    """Turn step records into :class:`StepColumns`; ``slots``/``ids`` intern request ids (shared across calls)."""
+                       slots: dict[str, int] | None = None, ids: list[str] | None = None,
+                       entries: EntryArrays | None = None) -> StepColumns:
+    """Turn step records into :class:`StepColumns`; ``slots``/``ids`` intern request ids (shared
+    across calls). ``entries``: the columns already extracted by :func:`records.load_steps`."""
     slots = {} if slots is None else slots
     ids = [] if ids is None else ids
-    reqs = [r for s in steps for r in s.requests]
-    lens = [len(s.requests) for s in steps]
-    offsets = np.zeros(len(steps) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    get = slots.get
-    req = np.empty(len(reqs), dtype=np.int64)
-    for i, r in enumerate(reqs):
-        k = get(r.id)
-        if k is None:
-            k = slots[r.id] = len(ids)
-            ids.append(r.id)
-        req[i] = k
+    e = entries if entries is not None else entry_arrays(list(steps))
+    with gc_paused():
+        for rid in dict.fromkeys(e.ids):
+            if rid not in slots:
+                slots[rid] = len(ids)
+                ids.append(rid)
+        req = np.fromiter(map(slots.__getitem__, e.ids), np.int64, len(e.ids))
+    n = len(steps)
     cols = StepColumns(
-        t_start=np.fromiter((s.t_start for s in steps), float, len(steps)),
-        t_end=np.fromiter((s.t_end for s in steps), float, len(steps)),
-        offsets=offsets,
-        req=req,
-        prefill=np.fromiter((r.prefill_tokens for r in reqs), np.int64, len(reqs)),
-        decode=np.fromiter((r.decode_tokens for r in reqs), np.int64, len(reqs)),
-        context=np.fromiter((r.context_tokens for r in reqs), np.int64, len(reqs)),
-        ids=ids,
+        t_start=np.fromiter(map(_T0, steps), float, n),
+        t_end=np.fromiter(map(_T1, steps), float, n),
+        offsets=e.offsets, req=req, prefill=e.prefill, decode=e.decode, context=e.context, ids=ids,
     )
     return cols.derive(g)
+
+
+_T0, _T1 = attrgetter("t_start"), attrgetter("t_end")
 
 
 # ----------------------------------------------------------------------------------- change points
@@ -499,6 +497,27 @@ class RequestTable:
 
 
 # ------------------------------------------------------------------------------------------ offline
+def _request_metadata(steps: Sequence[StepRecord], table: RequestTable) -> None:
+    """Stratum and prompt length of each request: the first value given (usually on its first entry).
+    Only entries that carry one are visited (``compress`` runs the scan in C)."""
+    with gc_paused():
+        reqs = [r for s in steps for r in s.requests]
+        idx = range(len(reqs))
+        with_stratum = [reqs[i] for i in compress(idx, map(_STRATUM, reqs))]
+        with_prompt = [reqs[i] for i in compress(idx, map(_PROMPT, reqs))]
+    for r in with_stratum:
+        k = table.slots[r.id]
+        if table.stratum.get(k) is None:
+            table.stratum[k] = r.stratum
+    prompt_col = table.col("prompt_tokens")
+    for r in with_prompt:
+        k = table.slots[r.id]
+        prompt_col[k] = max(prompt_col[k], r.prompt_tokens)
+
+
+_STRATUM, _PROMPT = attrgetter("stratum"), attrgetter("prompt_tokens")
+
+
 @dataclass
 class Attribution:
     requests: list[RequestResult]
@@ -518,22 +537,19 @@ def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.nda
     return out
 
 
-def attribute(steps: Sequence[StepRecord], samples: Sequence[EnergySample], g: ModelGeometry,
+def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergySample], g: ModelGeometry,
               hw: HardwareProfile, *, source: str = "unknown", window_s: float = 2.0,
               model_name: str | None = None, energy_path: str = "energy.jsonl") -> Attribution:
     """Offline attribution of a whole trace (one global fit per device)."""
+    entries = None
+    if isinstance(steps, StepTrace):
+        steps, entries = steps.steps, steps.entries
     if not steps:
         raise InputError("no steps to attribute")
     table = RequestTable()
-    cols = columns_from_steps(steps, g, table.slots, table.ids)
+    cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
     table.ensure(len(table.ids))
-    for s in steps:  # stratum and prompt length: first seen value
-        for r in s.requests:
-            k = table.slots[r.id]
-            if r.stratum is not None and table.stratum.get(k) is None:
-                table.stratum[k] = r.stratum
-            if r.prompt_tokens:
-                table.col("prompt_tokens")[k] = max(table.col("prompt_tokens")[k], r.prompt_tokens)
+    _request_metadata(steps, table)
     devices = _energy_by_device(samples)
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])

@@ -182,7 +182,9 @@ def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_dev
                 tr_.prefill_j += sj
             else:
                 tr_.decode_j += sj
-            entries.append(RequestEntry(r.id, n if prefill else 0, 0 if prefill else n, r.computed, r.stratum))
+            first = r.computed == 0  # the stratum is named on a request's first entry only
+            entries.append(RequestEntry(r.id, n if prefill else 0, 0 if prefill else n, r.computed,
+                                        r.stratum if first else None, r.prompt if first else None))
             r.computed += n
             if r.computed >= r.prompt:
                 r.generated += 1
@@ -199,7 +201,7 @@ def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_dev
     gains, measured, physical = [], 0.0, 0.0
     polls = poll_times(t_begin, t_end, poll_hz, rng)
     per_dev = []
-    for d, tr in enumerate(traces):
+    for tr in traces:
         fx = SensorEffects.realistic(rng)
         pub = fx.publish_times(t_begin - 0.5, t_end + 0.5, rng)
         seen = poll_counter(pub, fx.counter_values_j(tr, pub), polls)

@@ -1,0 +1,116 @@
+"""Benchmark: offline attribution speed and accuracy on traces from the simulated GPU twin.
+
+Speed: a trace of ~16,000 steps, ~3,000 requests, ~1.9 million request-step entries is attributed
+end to end by the ``wattprint attribute`` command (interpreter start, parsing, fit, split, output),
+pinned to one core; median of several runs.
+
+Accuracy: per-request, phase, KV and idle errors against the twin's ground truth over several seeds.
+
+    .venv/bin/python bench/bench_attribution.py [--runs 5] [--seeds 5] [--skip-speed] [--skip-accuracy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from wattprint.configs import config_dir
+from wattprint.profiler.attribution import attribute
+from wattprint.profiler.costmodel import geometry_from_config
+from wattprint.profiler.hardware import load_profile
+from wattprint.profiler.simulate import WorkloadSpec, simulate
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+SPEED_SPEC = WorkloadSpec(requests=3000, rate_rps=10.0, output_max=1280, quiet_s=0.0, seed=1)
+
+
+def speed(runs: int) -> None:
+    g = geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
+    hw = load_profile("h100-sxm")
+    trace = CACHE / "speed"
+    if not (trace / "steps.jsonl").exists():
+        print("generating the speed trace (once) ...", flush=True)
+        simulate(g, hw, SPEED_SPEC).write(trace)
+    n_steps = n_entries = 0
+    with open(trace / "steps.jsonl", "rb") as f:
+        for line in f:
+            n_steps += 1
+            n_entries += line.count(b'"id"')
+    size_mb = (trace / "steps.jsonl").stat().st_size / 1e6
+    cmd = [sys.executable, "-m", "wattprint.cli", "attribute", "--steps", str(trace / "steps.jsonl"),
+           "--energy", str(trace / "energy.jsonl"), "--model", "llama-3.1-8b", "--hardware", "h100-sxm",
+           "--out", str(trace / "requests.jsonl"), "--summary", str(trace / "summary.json"), "-q"]
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(pin + cmd, check=True, env=env)
+        times.append(time.perf_counter() - t)
+    print(f"\n## Offline attribution speed ({date.today()})\n")
+    print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; pinned to one core: {bool(pin)}")
+    print(f"- trace: {n_steps} steps, {n_entries} request-step entries, {size_mb:.0f} MB steps.jsonl, "
+          f"{SPEED_SPEC.requests} requests")
+    print(f"- command: `{' '.join(pin + ['wattprint'] + cmd[3:])}`")
+    print(f"- wall time, end to end: median {statistics.median(times):.2f} s over {runs} runs "
+          f"(min {min(times):.2f}, max {max(times):.2f})")
+
+
+def accuracy(seeds: int) -> None:
+    g = geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
+    hw = load_profile("h100-sxm")
+    rows = []
+    for seed in range(100, 100 + seeds):
+        for ndev in (1, 2):
+            spec = WorkloadSpec(requests=400, rate_rps=float(4 + 3 * (seed % 4)), seed=seed, busy_s=30, quiet_s=5)
+            sim = simulate(g, hw, spec, n_devices=ndev)
+            a = attribute(sim.steps, sim.energy, g, hw, source="simulated")
+            tr = sim.truth
+            err = np.array([abs(r.energy_j / tr[r.id].energy_j - 1) for r in a.requests])
+            kv = np.array([abs(r.kv_j / tr[r.id].kv_j - 1) for r in a.requests])
+            pre = abs(sum(r.prefill_j for r in a.requests) / sum(t.prefill_j for t in tr.values()) - 1)
+            dec = abs(sum(r.decode_j for r in a.requests) / sum(t.decode_j for t in tr.values()) - 1)
+            idle = abs(a.totals.idle_j / sim.truth_idle_j - 1)
+            cons = abs(a.totals.attributed_j + a.totals.idle_j - a.totals.measured_j) / a.totals.measured_j
+            rows.append((seed, ndev, np.median(err), np.percentile(err, 95), pre, dec, np.median(kv), idle, cons))
+    print(f"\n## Attribution accuracy against the twin's ground truth ({date.today()})\n")
+    print("| seed | GPUs | request err median | p95 | prefill total | decode total | KV median | idle | conservation |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {100 * r[2]:.2f} % | {100 * r[3]:.2f} % | {100 * r[4]:.2f} % | "
+              f"{100 * r[5]:.2f} % | {100 * r[6]:.2f} % | {100 * r[7]:.1f} % | {r[8]:.1e} |")
+    cols = np.array([r[2:] for r in rows])
+    med = np.median(cols, axis=0)
+    print(f"| **median** | | {100 * med[0]:.2f} % | {100 * med[1]:.2f} % | {100 * med[2]:.2f} % | "
+          f"{100 * med[3]:.2f} % | {100 * med[4]:.2f} % | {100 * med[5]:.1f} % | {med[6]:.1e} |")
+    worst = cols.max(axis=0)
+    print(f"| **worst** | | {100 * worst[0]:.2f} % | {100 * worst[1]:.2f} % | {100 * worst[2]:.2f} % | "
+          f"{100 * worst[3]:.2f} % | {100 * worst[4]:.2f} % | {100 * worst[5]:.1f} % | {worst[6]:.1e} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    a = p.parse_args()
+    if not a.skip_accuracy:
+        accuracy(a.seeds)
+    if not a.skip_speed:
+        speed(a.runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+import pytest
+
+from wattprint.profiler.costmodel import geometry_from_config
+from wattprint.profiler.hardware import load_profile
+from wattprint.configs import config_dir
+
+
+@pytest.fixture(scope="session")
+def llama8b():
+    return geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
+
+
+@pytest.fixture(scope="session")
+def h100():
+    return load_profile("h100-sxm")

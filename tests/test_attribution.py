@@ -1,0 +1,127 @@
+"""Accuracy and conservation of the attribution on the simulated twin (issue 2's acceptance)."""
+
+import numpy as np
+import pytest
+
+from wattprint.profiler.attribution import OnlineAttributor, attribute, change_points
+from wattprint.profiler.meters.base import Reading
+from wattprint.profiler.records import RequestEntry, StepRecord
+from wattprint.profiler.simulate import WorkloadSpec, simulate
+
+CASES = [  # (seed, requests, rate, devices)
+    (11, 300, 8.0, 1),
+    (12, 250, 4.0, 2),
+    (13, 400, 14.0, 1),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"seed{c[0]}-dev{c[3]}")
+def run(request, llama8b, h100):
+    seed, n, rate, ndev = request.param
+    sim = simulate(llama8b, h100, WorkloadSpec(requests=n, rate_rps=rate, seed=seed, busy_s=25, quiet_s=4),
+                   n_devices=ndev)
+    return sim, attribute(sim.steps, sim.energy, llama8b, h100, source="simulated")
+
+
+def rel(a, b):
+    return abs(a / b - 1.0)
+
+
+def test_trace_has_the_effects_the_acceptance_names(run):
+    sim, _ = run
+    prompts = [t.prompt_tokens for t in sim.truth.values()]
+    outputs = [t.output_tokens for t in sim.truth.values()]
+    assert min(prompts) < 30 and max(prompts) > 3000
+    assert min(outputs) < 50 and max(outputs) > 1200
+    # chunked prefill: some request has several prefill steps, and steps mix prefill with decode
+    chunks = {}
+    mixed = 0
+    for s in sim.steps:
+        kinds = {r.prefill_tokens > 0 for r in s.requests}
+        mixed += len(kinds) == 2
+        for r in s.requests:
+            if r.prefill_tokens:
+                chunks[r.id] = chunks.get(r.id, 0) + 1
+    assert max(chunks.values()) >= 2 and mixed > 10
+    dt = np.array([s.t_end - s.t_start for s in sim.steps])
+    assert np.median(dt) > 0.004 and dt.max() < 0.5
+    assert sim.gains[0] != 1.0
+
+
+def test_conservation_exact(run):
+    _, a = run
+    t = a.totals
+    assert abs(t.attributed_j + t.idle_j - t.measured_j) <= 1e-9 * t.measured_j
+    assert sum(r.energy_j for r in a.requests) == pytest.approx(t.attributed_j, rel=1e-12)
+    for r in a.requests:
+        assert r.prefill_j + r.decode_j == pytest.approx(r.energy_j, rel=1e-12, abs=1e-12)
+        assert 0 <= r.kv_j <= r.energy_j
+
+
+def test_per_request_energy_accuracy(run):
+    sim, a = run
+    err = np.array([rel(r.energy_j, sim.truth[r.id].energy_j) for r in a.requests])
+    assert np.median(err) <= 0.02
+    assert np.percentile(err, 95) <= 0.05
+
+
+def test_phase_kv_and_idle_accuracy(run):
+    sim, a = run
+    truth = sim.truth
+    assert rel(sum(r.prefill_j for r in a.requests), sum(t.prefill_j for t in truth.values())) <= 0.02
+    assert rel(sum(r.decode_j for r in a.requests), sum(t.decode_j for t in truth.values())) <= 0.02
+    kv_err = np.array([rel(r.kv_j, truth[r.id].kv_j) for r in a.requests])
+    assert np.median(kv_err) <= 0.03
+    assert rel(a.totals.idle_j, sim.truth_idle_j) <= 0.25
+
+
+def test_tokens_and_bytes(run, llama8b):
+    sim, a = run
+    for r in a.requests:
+        t = sim.truth[r.id]
+        assert r.prompt_tokens == t.prompt_tokens
+        assert r.output_tokens == t.output_tokens
+        assert r.kv_write_bytes == llama8b.kv_bytes_per_token * (t.prompt_tokens + t.output_tokens - 1)
+
+
+def test_online_matches_truth_and_conserves_at_every_instant(llama8b, h100):
+    sim = simulate(llama8b, h100, WorkloadSpec(requests=150, rate_rps=6, seed=21, busy_s=15, quiet_s=4))
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated")
+    polls = [(e.t, 0, e) for e in sim.energy]
+    events = sorted(polls + [(s.t_end, 1, s) for s in sim.steps], key=lambda x: (x[0], x[1]))
+    out, max_held = [], 0
+    for i, (t, kind, v) in enumerate(events):
+        if kind == 0:
+            on.add_reading(Reading(t, (v.energy_j,), "simulated"))
+        else:
+            on.add_step(v)
+        if i % 40 == 0:
+            out += on.advance(t)
+            tot = on.totals()
+            assert abs(tot.attributed_j + tot.idle_j - tot.measured_j) <= 1e-9 * max(tot.measured_j, 1.0)
+            max_held = max(max_held, on.active_requests)
+    out += on.finish()
+    assert sorted(r.id for r in out) == sorted(sim.truth)
+    assert all(r.status == "final" for r in out)
+    err = np.array([rel(r.energy_j, sim.truth[r.id].energy_j) for r in out])
+    assert np.median(err) <= 0.02 and np.percentile(err, 95) <= 0.05
+    assert max_held < len(sim.truth)  # finished requests are evicted (bounded memory)
+    tot = on.totals()
+    assert sum(tot.tokens_by_phase_stratum["prefill"].values()) == sum(t.prompt_tokens for t in sim.truth.values())
+
+
+def test_change_points_stitch_a_counter_reset():
+    t = np.arange(10) * 0.02
+    e = np.array([100, 100, 101, 101, 102, 2, 2, 3, 3, 4], dtype=float)  # driver reload after 102
+    b_t, b_e, resets = change_points(t, e)
+    assert resets == 1
+    assert np.all(np.diff(b_e) > 0)
+    assert b_e[-1] - 101 == pytest.approx(1 + 2 + 1 + 1)
+
+
+def test_online_rejects_out_of_order(llama8b, h100):
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated")
+    r = [RequestEntry("a", 4, 0, 0)]
+    on.add_step(StepRecord(1, 0.0, 0.01, r))
+    with pytest.raises(Exception, match="out of order"):
+        on.add_step(StepRecord(1, 0.02, 0.03, r))

@@ -1,0 +1,107 @@
+"""`wattprint attribute` end to end, and its handling of bad input (exit 2, file:line, no output)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wattprint.cli import main
+from wattprint.profiler.simulate import WorkloadSpec, simulate
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory, llama8b, h100):
+    d = tmp_path_factory.mktemp("trace")
+    sim = simulate(llama8b, h100, WorkloadSpec(requests=40, rate_rps=6, seed=5))
+    sim.write(d)
+    return d
+
+
+def run(trace, tmp_path, steps=None, energy=None, model="llama-3.1-8b", hardware="h100-sxm"):
+    out, summ = tmp_path / "requests.jsonl", tmp_path / "summary.json"
+    rc = main(["attribute", "--steps", str(steps or trace / "steps.jsonl"),
+               "--energy", str(energy or trace / "energy.jsonl"), "--model", str(model),
+               "--hardware", str(hardware), "--out", str(out), "--summary", str(summ), "-q"])
+    return rc, out, summ
+
+
+def test_attribute_writes_requests_and_summary(trace, tmp_path):
+    rc, out, summ = run(trace, tmp_path)
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 40
+    for r in lines:
+        for key in ("id", "energy_j", "prefill_j", "decode_j", "kv_j", "kv_read_bytes", "kv_write_bytes",
+                    "prompt_tokens", "flops", "stratum"):
+            assert key in r
+        assert r["prefill_j"] + r["decode_j"] == pytest.approx(r["energy_j"], rel=1e-12)
+    s = json.loads(summ.read_text())
+    assert s["source"] == "simulated"
+    assert s["attributed_j"] + s["idle_j"] == pytest.approx(s["measured_j"], rel=1e-9)
+    assert s["hardware"] == "h100-sxm" and s["model"] == "llama-3.1-8b"
+
+
+def test_console_script_runs(trace, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wattprint.cli", "attribute", "--steps", str(trace / "steps.jsonl"),
+                           "--energy", str(trace / "energy.jsonl"), "--model", "llama-3.1-8b",
+                           "--hardware", "h100-sxm", "--out", str(tmp_path / "r.jsonl"), "--limit", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "SIMULATED" in proc.stdout and "Totals" in proc.stdout
+
+
+def _corrupt(trace, tmp_path, name, lineno, replacement):
+    lines = (trace / name).read_text().splitlines()
+    lines[lineno - 1] = replacement
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("lineno,replacement,message", [
+    (7, '{"step": 6, "t_start": 1.0', "malformed JSON"),
+    (9, '{"step": "x", "t_start": 1.0, "t_end": 1.1, "requests": []}', "Expected `int`"),
+    (12, '{"step": 11, "t_start": 1.0, "t_end": 1.1, "requests": [{"id": "a", "prefill_tokens": 1.5, '
+         '"decode_tokens": 0, "context_tokens": 0}]}', "Expected `int`"),
+    (15, '{"step": 2, "t_start": 99999.0, "t_end": 99999.1, "requests": []}', "out of order"),
+])
+def test_bad_steps_exit_2_with_file_and_line(trace, tmp_path, capsys, lineno, replacement, message):
+    bad = _corrupt(trace, tmp_path, "steps.jsonl", lineno, replacement)
+    rc, out, summ = run(trace, tmp_path, steps=bad)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bad}:{lineno}:" in err and message in err
+    assert not out.exists() and not summ.exists()
+
+
+def test_energy_that_does_not_cover_the_steps(trace, tmp_path, capsys):
+    lines = (trace / "energy.jsonl").read_text().splitlines()
+    short = tmp_path / "energy.jsonl"
+    short.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    rc, out, _ = run(trace, tmp_path, energy=short)
+    assert rc == 2
+    assert "does not cover the steps" in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_energy_line(trace, tmp_path, capsys):
+    bad = _corrupt(trace, tmp_path, "energy.jsonl", 3, '{"t": 1.0, "device": 0, "energy_j": "lots"}')
+    rc, _, _ = run(trace, tmp_path, energy=bad)
+    assert rc == 2 and f"{bad}:3:" in capsys.readouterr().err
+
+
+def test_unmodellable_config_and_unknown_hardware(trace, tmp_path, capsys):
+    moe = tmp_path / "config.json"
+    moe.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 8}))
+    rc, out, _ = run(trace, tmp_path, model=moe)
+    assert rc == 2 and "mixture of experts" in capsys.readouterr().err and not out.exists()
+    rc, _, _ = run(trace, tmp_path, hardware="tpu-v9")
+    assert rc == 2 and "no hardware profile" in capsys.readouterr().err
+
+
+def test_existing_output_is_kept_on_error(trace, tmp_path):
+    out = tmp_path / "requests.jsonl"
+    out.write_text("previous\n")
+    bad = _corrupt(trace, tmp_path, "steps.jsonl", 2, "garbage")
+    rc, _, _ = run(trace, tmp_path, steps=bad)
+    assert rc == 2 and out.read_text() == "previous\n"

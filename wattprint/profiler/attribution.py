@@ -38,7 +38,14 @@ from wattprint.profiler import costmodel as cm
 from wattprint.profiler.costmodel import ModelGeometry
 from wattprint.profiler.hardware import HardwareProfile
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.records import EnergySample, EntryArrays, StepRecord, StepTrace, entry_arrays, gc_paused
+from wattprint.profiler.records import (
+    EnergySample,
+    EntryArrays,
+    StepRecord,
+    StepTrace,
+    entry_arrays,
+    gc_paused,
+)
 from wattprint.profiler.results import RequestResult, Totals
 
 COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",

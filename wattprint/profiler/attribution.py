@@ -503,6 +503,44 @@ class RequestTable:
         )
 
 
+def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: RequestTable,
+                   count: np.ndarray | None = None) -> None:
+    """Add a run of settled entries to the totals: attributed/prefill/decode/KV joules, and the
+    per-phase, per-stratum breakdowns. ``count`` marks entries whose tokens and bytes count now."""
+    cnt = np.ones(len(cols.req), dtype=bool) if count is None else count
+    attributed = float(split.energy.sum())
+    pre = float(split.energy[split.is_prefill].sum())
+    tot.attributed_j += attributed
+    tot.prefill_j += pre
+    tot.decode_j += attributed - pre
+    tot.kv_j += float(split.kv.sum())
+    tot.kv_read_bytes += float(cols.kv_read[cnt].sum())
+    tot.kv_write_bytes += float(cols.kv_write[cnt].sum())
+    # per stratum: index requests by stratum, then bincount entries (vectorised)
+    names = sorted({v or "" for v in table.stratum.values()} | {""})
+    code = {n: i for i, n in enumerate(names)}
+    req_code = np.zeros(max(len(table.ids), 1), dtype=np.int64)
+    for k, v in table.stratum.items():
+        req_code[k] = code[v or ""]
+    ec = req_code[cols.req]
+    m = len(names)
+    kv = np.bincount(ec, split.kv, m)
+    by = {ph: np.bincount(ec, np.where(mask, split.energy, 0.0), m)
+          for ph, mask in (("prefill", split.is_prefill), ("decode", ~split.is_prefill))}
+    tok = {ph: np.bincount(ec, np.where(cnt, t, 0).astype(float), m)
+           for ph, t in (("prefill", cols.prefill), ("decode", cols.decode))}
+    for i, name in enumerate(names):
+        if kv[i]:
+            tot.kv_j_by_stratum[name] = tot.kv_j_by_stratum.get(name, 0.0) + float(kv[i])
+        for ph in ("prefill", "decode"):
+            if by[ph][i]:
+                d = tot.energy_j_by_phase_stratum.setdefault(ph, {})
+                d[name] = d.get(name, 0.0) + float(by[ph][i])
+            if tok[ph][i]:
+                d = tot.tokens_by_phase_stratum.setdefault(ph, {})
+                d[name] = d.get(name, 0.0) + float(tok[ph][i])
+
+
 # ------------------------------------------------------------------------------------------ offline
 def _request_metadata(steps: Sequence[StepRecord], table: RequestTable) -> None:
     """Stratum and prompt length of each request: the first value given (usually on its first entry).
@@ -591,15 +629,12 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     split = split_steps(cols, g, step_energy, e_flop_step, e_byte)
     table.add(cols, split)
     results = [table.result(k, source, model_name) for k in range(len(table.ids))]
-    attributed = float(step_energy.sum())
-    prefill_j = float(split.energy[split.is_prefill].sum())
     totals = Totals(
-        measured_j=measured_j, attributed_j=attributed, idle_j=measured_j - attributed, source=source,
-        t_start=window[0], t_end=window[1], prefill_j=prefill_j, decode_j=attributed - prefill_j,
-        kv_j=float(split.kv.sum()), requests=len(results), steps=len(cols.t_start),
+        measured_j=measured_j, attributed_j=0.0, idle_j=idle_j, source=source,
+        t_start=window[0], t_end=window[1], requests=len(results), steps=len(cols.t_start),
         device_measured_j=dev_measured, coefficients=fits[0] if len(fits) == 1 else {"devices": fits},
     )
-    totals.idle_j = idle_j if abs(idle_j - totals.idle_j) > 1e-6 * max(measured_j, 1.0) else totals.idle_j
+    add_breakdowns(totals, cols, split, table)
     return Attribution(results, totals, step_energy, fits)
 
 
@@ -789,29 +824,8 @@ class OnlineAttributor:
         count = done[cols.step_of]
         self.table.add(cols, split, count_tokens=count)
         tot = self._totals
-        attributed = float(step_energy.sum())
-        pre = float(split.energy[split.is_prefill].sum())
-        tot.attributed_j += attributed
-        tot.prefill_j += pre
-        tot.decode_j += attributed - pre
-        tot.kv_j += float(split.kv.sum())
+        add_breakdowns(tot, cols, split, self.table, count)
         tot.steps += int(done.sum())
-        tot.kv_read_bytes += float((cols.kv_read * count).sum())
-        tot.kv_write_bytes += float((cols.kv_write * count).sum())
-        strata = np.array([self.table.stratum.get(int(k)) or "" for k in cols.req], dtype=object)
-        for s in set(strata.tolist()):
-            m = strata == s
-            tot.kv_j_by_stratum[s] = tot.kv_j_by_stratum.get(s, 0.0) + float(split.kv[m].sum())
-            for phase, pm in (("prefill", split.is_prefill), ("decode", ~split.is_prefill)):
-                mm = m & pm
-                if mm.any():
-                    by = tot.energy_j_by_phase_stratum.setdefault(phase, {})
-                    by[s] = by.get(s, 0.0) + float(split.energy[mm].sum())
-            for phase, ntok in (("prefill", cols.prefill), ("decode", cols.decode)):
-                n = float((ntok * count)[m].sum())
-                if n:
-                    tok = tot.tokens_by_phase_stratum.setdefault(phase, {})
-                    tok[s] = tok.get(s, 0.0) + n
         if done.any():
             self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
         self._steps = [s for s in self._steps if s.t_end > end]

@@ -168,7 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--limit", type=int, default=15)
     d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("calibrate", help="measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)")
+    from wattprint.profiler.calibrate import add_calibrate_arguments, run_calibrate
+
+    add_calibrate_arguments(c)
+    c.set_defaults(func=run_calibrate)
+
+    t = sub.add_parser("tiny-model", help="write a small random-weight Llama and a tokenizer (no downloads)")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny_model)
     return p
+
+
+def cmd_tiny_model(args) -> int:
+    from wattprint.profiler.tinymodel import write_tiny_model
+
+    path = write_tiny_model(args.dir, seed=args.seed)
+    print(f"tiny model in {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

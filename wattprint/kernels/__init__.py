@@ -22,10 +22,11 @@ Counting conventions (the same in every module; ``docs/calibration.md`` has the 
   gather are counted in ``kv_bytes`` and *not* in ``dram_bytes``, so the two are disjoint and the
   calibration fits an energy for each.
 
-Importing this package needs neither torch nor triton: the analytic counts are pure Python, so the
-simulated calibration runs anywhere. The launchers import torch and triton when called. Kernels are
-JIT-decorated on first use (:func:`jit_kernel`), so ``TRITON_INTERPRET=1`` takes effect whenever it is
-set before the first launch, whatever was imported before.
+Importing this package or its modules imports neither torch nor triton: the analytic counts are pure
+Python, so the simulated calibration runs anywhere. The launchers import torch and triton when called,
+and the kernels are JIT-decorated on first use (:func:`jit_kernel`). Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU tensors) must be switched on before triton itself is first imported:
+``triton.language`` decides at import whether its own helpers are interpreted.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def jit_kernel(fn):
     means the interpreter switch is read when a kernel is first launched, not when the module is
     imported.
     """
-    triton, _ = require_triton()
+    triton, tl = require_triton()
     key = (fn, interpret_mode())
     kernel = _JIT_CACHE.get(key)
     if kernel is None:
+        fn.__globals__["tl"] = tl  # the kernel modules leave ``tl`` unbound until now
         kernel = _JIT_CACHE[key] = triton.jit(fn)
     return kernel
 

@@ -130,6 +130,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    """A subcommand's function, imported only when the subcommand runs."""
+
+    def call(*a, **kw):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*a, **kw)
+
+    return call
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wattprint", description="GPU-native energy profiler for LLM inference")
     p.add_argument("--version", action="version", version=f"wattprint {__version__}")
@@ -159,15 +170,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_simulate)
 
-    d = sub.add_parser("demo", help="the main job on an embedded default")
-    d.add_argument("--out", default="wattprint-demo")
-    d.add_argument("--model", default="llama-3.1-8b")
-    d.add_argument("--hardware", default="h100-sxm")
-    d.add_argument("--requests", type=int, default=200)
-    d.add_argument("--rate", type=float, default=6.0)
+    d = sub.add_parser("demo", help="the main job: serve a tiny model with vLLM and attribute a mixed workload")
+    d.add_argument("--out", default="wattprint-demo", help="output directory")
+    d.add_argument("--meter", default="auto", choices=("auto", "nvml", "rapl", "cputime", "simulated"),
+                   help="auto: NVML with a GPU, else the simulated twin")
+    d.add_argument("--model", default=None, help="model directory to serve (default: build the tiny model)")
+    d.add_argument("--hardware", default=None)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--limit", type=int, default=15)
-    d.set_defaults(func=cmd_demo)
+    d.add_argument("--timeout-s", type=float, default=420.0, help="how long the server may take to start")
+    d.set_defaults(func=_lazy("wattprint.demo", "run_demo"))
+
+    o = sub.add_parser("demo-offline", help="simulate a trace on the GPU twin and attribute it (no vLLM)")
+    o.add_argument("--out", default="wattprint-demo-offline")
+    o.add_argument("--model", default="llama-3.1-8b")
+    o.add_argument("--hardware", default="h100-sxm")
+    o.add_argument("--requests", type=int, default=200)
+    o.add_argument("--rate", type=float, default=6.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--limit", type=int, default=15)
+    o.set_defaults(func=cmd_demo)
+
+    sc = sub.add_parser("sidecar", help="receive engine steps, attribute energy online, serve /metrics")
+    from wattprint.profiler.sidecar import add_sidecar_arguments
+
+    add_sidecar_arguments(sc)
+    sc.set_defaults(func=_lazy("wattprint.profiler.sidecar", "run_sidecar"))
+
+    sv = sub.add_parser("serve", help="the sidecar and vLLM's OpenAI server in one command: serve [options] -- ARGS")
+    add_sidecar_arguments(sv)
+    sv.set_defaults(func=lambda a: _lazy("wattprint.profiler.serve", "run_serve")(a, a.vllm_args))
+
+    pf = sub.add_parser("profile", help="run prompts through vLLM offline and attribute their energy")
+    from wattprint.profiler.profile import add_profile_arguments
+
+    add_profile_arguments(pf)
+    pf.set_defaults(func=_lazy("wattprint.profiler.profile", "run_profile"))
     c = sub.add_parser("calibrate", help="measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)")
     from wattprint.profiler.calibrate import add_calibrate_arguments, run_calibrate
 
@@ -190,8 +227,14 @@ def cmd_tiny_model(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    vllm_args: list[str] = []
+    if "--" in argv:  # `wattprint serve [options] -- <vLLM server arguments>`
+        i = argv.index("--")
+        argv, vllm_args = argv[:i], argv[i + 1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.vllm_args = vllm_args
     try:
         return int(args.func(args) or 0)
     except WattprintError as exc:

@@ -1,0 +1,197 @@
+"""``wattprint demo``: the README's main job on an embedded default.
+
+Builds the tiny model if absent, serves it with vLLM and the sidecar (the best meter available: NVML
+with a GPU, else the simulated twin - said loudly), sends a mixed workload through the OpenAI API
+(short and long prompts, every stratum), prints a per-request table and totals, and leaves
+``requests.jsonl``, ``summary.json`` and ``metrics.prom`` in the output directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgspec
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+SERVED_NAME = "wattprint-tiny-llama"
+WORDS = ("energy joules prefill decode cache tokens power watts model request server batch step kernel "
+         "memory bandwidth compute science health agent").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def workload(seed: int = 0) -> list[tuple[str, str, int, str | None, str]]:
+    """(name, prompt, max_tokens, stratum, how) - short and long prompts, every stratum; the stratum is
+    sent in the body (``vllm_xargs``) or as the ``X-Wattprint-Stratum`` header."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    strata = ["critical", "science", "productive", "agentic", None]
+    for i, stratum in enumerate(strata * 3):
+        long = i % 3 == 2
+        n_words = rnd.randint(600, 1100) if long else rnd.randint(5, 40)
+        prompt = " ".join(rnd.choice(WORDS) for _ in range(n_words))
+        max_tokens = rnd.choice([8, 32, 64, 128])
+        how = "header" if i % 2 else "body"
+        out.append((f"{stratum or 'none'}-{'long' if long else 'short'}-{i}", prompt, max_tokens, stratum, how))
+    return out
+
+
+def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the vLLM server exited with {proc.returncode}; its log ends:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the vLLM server did not become healthy in {timeout_s:.0f} s (log: {log_path})")
+
+
+def run_demo(args) -> int:
+    from wattprint.cli import _atomic_write
+    from wattprint.exporters.prometheus import make_registry
+    from wattprint.exporters.report import print_report
+    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.meters.auto import open_meter
+    from wattprint.profiler.serve import server_command, server_env, stop_server
+    from wattprint.profiler.sidecar import Sidecar, add_totals
+    from wattprint.profiler.tinymodel import is_complete, write_tiny_model
+
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console.rule("[bold]wattprint demo")
+    model_dir = Path(args.model) if args.model else out / "tiny-model"
+    if not is_complete(model_dir):
+        with console.status(f"writing a tiny random-weight Llama and training its tokenizer in {model_dir} ..."):
+            write_tiny_model(model_dir, seed=args.seed)
+    gpu = _has_gpu() and args.meter in ("auto", "nvml")
+    meter_name = args.meter if args.meter != "auto" else ("nvml" if gpu else "simulated")
+    if meter_name == "simulated":
+        console.print(Panel(
+            "No GPU energy counter here: the joules below come from wattprint's [bold]simulated H100 twin[/], "
+            "driven by the real vLLM engine's steps. They are labelled [bold]simulated[/] everywhere and are "
+            "NOT measurements. On a GPU machine the demo reads the NVML energy counter instead.",
+            title="[bold yellow]SIMULATED ENERGY", border_style="yellow"))
+    meter = open_meter(meter_name)
+    hardware = args.hardware or ("h100-sxm" if meter_name == "simulated" else None)
+    sock = os.path.join(tempfile.mkdtemp(prefix="wattprint-demo-"), "sidecar.sock")
+    port = _free_port()
+    log_path = out / "vllm-server.log"
+    vllm_args = ["--model", str(model_dir), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
+                 "--port", str(port), "--max-model-len", "4096", "--max-num-batched-tokens", "512",
+                 "--max-num-seqs", "16", "--seed", str(args.seed), "--disable-log-stats"]
+    if not gpu:
+        vllm_args += ["--gpu-memory-utilization", "0.25", "--enforce-eager"]
+    results = {}
+    with Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=out / "ledger.jsonl",
+                 hardware=hardware, window_s=1.0) as sc:
+        console.print(f"sidecar: metrics {sc.metrics_url}/metrics, meter [bold]{sc.source}[/], "
+                      f"hardware profile {sc.profile.name}")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sc), stdout=log,
+                                    stderr=subprocess.STDOUT)
+        try:
+            with console.status(f"starting the vLLM OpenAI server on port {port} (log: {log_path}) ..."):
+                _wait_health(f"http://127.0.0.1:{port}/health", proc, args.timeout_s, log_path)
+            sent = _send_workload(console, port, workload(args.seed))
+            with console.status("settling the last energy windows ..."):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    results = {name: sc.lookup(rid) for name, (rid, _) in sent.items()}
+                    if all(r is not None and r.status == "final" for r in results.values()):
+                        break
+                    time.sleep(0.25)
+        finally:
+            stop_server(proc)
+        snap = sc.snapshot()
+        exposition = _exposition(make_registry(lambda: snap))
+    totals = None
+    for t in snap.model_totals.values():
+        totals = t if totals is None else add_totals(totals, t)
+    rows = [r for r in results.values() if r is not None]
+    missing = [n for n, r in results.items() if r is None or r.status != "final"]
+    if totals is not None:  # the table shows the workload's names; the files keep the OpenAI ids
+        named = [msgspec.structs.replace(r, id=n) for n, r in results.items() if r is not None]
+        print_report(named, totals, limit=0, console=console)
+    enc = msgspec.json.Encoder()
+    _atomic_write(out / "requests.jsonl", b"".join(enc.encode(r) + b"\n" for r in rows))
+    summary = msgspec.to_builtins(totals) if totals else {}
+    summary.update(meter=snap.source, hardware=load_profile(hardware).name if hardware else None,
+                   model=SERVED_NAME, model_dir=str(model_dir), requests_sent=len(results),
+                   requests_final=len(results) - len(missing), device_names=snap.device_names)
+    _atomic_write(out / "summary.json", msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n")
+    _atomic_write(out / "metrics.prom", exposition)
+    console.print(f"files in {out}/: requests.jsonl summary.json metrics.prom ledger.jsonl vllm-server.log")
+    if missing:
+        console.print(f"[red]{len(missing)} request(s) have no final energy record: {', '.join(missing)}")
+        return 1
+    return 0
+
+
+def _exposition(registry) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry)
+
+
+def _send_workload(console: Console, port: int, items) -> dict[str, tuple[str, int]]:
+    """Send the requests (4 at a time) through the OpenAI client; returns name -> (response id, tokens)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wattprint-demo", max_retries=0, timeout=300)
+
+    def one(item):
+        name, prompt, max_tokens, stratum, how = item
+        extra_body, headers = {}, {}
+        if stratum and how == "body":
+            extra_body["vllm_xargs"] = {"stratum": stratum}
+        elif stratum:
+            headers["X-Wattprint-Stratum"] = stratum
+        r = client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
+                                      extra_body=extra_body or None, extra_headers=headers or None)
+        return name, (r.id, r.usage.completion_tokens if r.usage else 0)
+
+    sent = {}
+    with Progress(SpinnerColumn(), TextColumn("sending requests through the OpenAI API"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("requests", total=len(items))
+        with ThreadPoolExecutor(4) as pool:
+            for name, value in pool.map(one, items):
+                sent[name] = value
+                progress.advance(task)
+    return sent

@@ -1,0 +1,176 @@
+"""ASGI middleware for vLLM's OpenAI-compatible server: tells each client where its energy will be.
+
+Use it with ``vllm serve ... --middleware wattprint.exporters.http.WattprintMiddleware``. It is a pure
+ASGI middleware (Starlette style, no Starlette import). For ``POST /v1/completions`` and
+``POST /v1/chat/completions`` it:
+
+* adds ``X-Wattprint-Request-Id``: the OpenAI response id the request will get (``chatcmpl-<X>`` or
+  ``cmpl-<X>``), and ``X-Wattprint-Energy-Url``: the sidecar's ``/v1/requests/<that id>``, which answers
+  404 until the sidecar has seen the request, ``{"status": "provisional", ...}`` while it runs and the
+  final record once its energy windows are settled (a few seconds after it finishes).
+  The id is known without reading the response: vLLM builds it from the ``X-Request-Id`` request header
+  (else the body's ``request_id``, else a random uuid). The middleware therefore sets ``X-Request-Id``
+  to a fresh uuid when neither is present. The sidecar maps vLLM's engine ids (``<id>-<8 hex>``,
+  ``cmpl-<X>-<prompt index>-...``) back to the response id. Clients that bypass the middleware can
+  look their energy up with the ``id`` field of any response: ``GET <sidecar>/v1/requests/<id>``.
+* copies an ``X-Wattprint-Stratum`` request header into the JSON body as ``vllm_xargs.stratum`` when
+  the body does not set one (the engine hook reads it from the sampling params' ``extra_args``).
+
+The sidecar's base URL comes from ``WATTPRINT_ENERGY_URL`` (default ``http://127.0.0.1:9464``).
+
+It never breaks a request: any exception of its own leaves the request and response untouched
+(a body it had already read is replayed as it was), exceptions of the application propagate as they
+are, and responses (streaming included) pass through message by message, only the start message
+gaining two headers. Bodies over ``max_body_bytes`` are passed through without a stratum rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+ENV_ENERGY_URL = "WATTPRINT_ENERGY_URL"
+DEFAULT_ENERGY_URL = "http://127.0.0.1:9464"
+#: request path -> the prefix vLLM gives the OpenAI response id
+ENDPOINTS = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}
+HEADER_REQUEST_ID = b"x-wattprint-request-id"
+HEADER_ENERGY_URL = b"x-wattprint-energy-url"
+HEADER_STRATUM = b"x-wattprint-stratum"
+MAX_BODY_BYTES = 16 << 20
+_MAX_ID_CHARS = 256
+
+
+class _PassThrough(Exception):
+    """Give up on this request: replay what was read and let it through untouched."""
+
+
+def _header(headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _replaying_receive(messages: list, receive):
+    """A ``receive`` that returns ``messages`` first, then defers to the original ``receive``."""
+    pending = list(messages)
+
+    async def replay():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+class WattprintMiddleware:
+    """Pure ASGI middleware: energy headers and ``X-Wattprint-Stratum`` -> ``vllm_xargs.stratum``."""
+
+    def __init__(self, app, energy_base_url: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.energy_base_url = (energy_base_url or os.environ.get(ENV_ENERGY_URL) or DEFAULT_ENERGY_URL).rstrip("/")
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        try:
+            prefix = self._applies(scope)
+        except Exception:  # noqa: BLE001 - ours: pass through
+            prefix = None
+        if prefix is None:
+            await self.app(scope, receive, send)
+            return
+        consumed: list = []
+        try:
+            scope2, receive2, response_id = await self._prepare(scope, receive, consumed, prefix)
+            send2 = self._wrap_send(send, response_id)
+        except Exception as exc:  # noqa: BLE001 - ours (including _PassThrough): untouched
+            if not isinstance(exc, _PassThrough):
+                log.debug("wattprint middleware: passing a request through untouched", exc_info=True)
+            scope2, receive2, send2 = scope, _replaying_receive(consumed, receive), send
+        await self.app(scope2, receive2, send2)
+
+    # --------------------------------------------------------------------------------------- request
+    @staticmethod
+    def _applies(scope) -> str | None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            return None
+        path = scope.get("path") or ""
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        return ENDPOINTS.get(path)
+
+    async def _prepare(self, scope, receive, consumed: list, prefix: str):
+        """Read the body, decide the response id, rewrite the stratum. Returns (scope, receive, id)."""
+        headers = list(scope.get("headers") or [])
+        body = bytearray()
+        while True:
+            message = await receive()
+            consumed.append(message)
+            if message.get("type") != "http.request":
+                raise _PassThrough  # a disconnect while reading: let the application see it
+            body += message.get("body", b"") or b""
+            if len(body) > self.max_body_bytes:
+                raise _PassThrough
+            if not message.get("more_body", False):
+                break
+
+        new_body = None
+        data = None
+        try:
+            data = json.loads(bytes(body))
+        except ValueError:
+            data = None  # vLLM will answer 400; still tell the client nothing misleading below
+        header_rid = _header(headers, b"x-request-id")
+        if header_rid is not None:
+            base = header_rid.decode("latin-1")
+        elif isinstance(data, dict) and isinstance(data.get("request_id"), str) and data["request_id"]:
+            base = data["request_id"]
+        else:
+            base = uuid.uuid4().hex
+            headers.append((b"x-request-id", base.encode("latin-1")))
+
+        stratum = _header(headers, HEADER_STRATUM)
+        if stratum is not None and isinstance(data, dict):
+            value = stratum.decode("latin-1").strip()
+            xargs = data.get("vllm_xargs")
+            if value and (xargs is None or (isinstance(xargs, dict) and "stratum" not in xargs)):
+                data["vllm_xargs"] = {**(xargs or {}), "stratum": value}
+                new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+        if new_body is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(new_body)).encode()))
+            messages = [{"type": "http.request", "body": new_body, "more_body": False}]
+        else:
+            messages = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        scope2 = dict(scope)
+        scope2["headers"] = headers
+        response_id = f"{prefix}{base}"
+        if len(response_id) > _MAX_ID_CHARS or not (response_id.isascii() and response_id.isprintable()):
+            response_id = None
+        return scope2, _replaying_receive(messages, receive), response_id
+
+    # -------------------------------------------------------------------------------------- response
+    def _wrap_send(self, send, response_id: str | None):
+        if response_id is None:
+            return send
+        url = f"{self.energy_base_url}/v1/requests/{quote(response_id, safe='')}"
+        extra = [(HEADER_REQUEST_ID, response_id.encode("latin-1")), (HEADER_ENERGY_URL, url.encode("latin-1"))]
+
+        async def send_with_headers(message):
+            if message.get("type") == "http.response.start":
+                try:
+                    status = int(message.get("status", 0))
+                    if 200 <= status < 300:
+                        message = dict(message)
+                        message["headers"] = list(message.get("headers") or []) + extra
+                except Exception:  # noqa: BLE001 - ours: send the original
+                    log.debug("wattprint middleware: could not add headers", exc_info=True)
+            await send(message)
+
+        return send_with_headers

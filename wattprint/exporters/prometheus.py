@@ -1,0 +1,468 @@
+"""Prometheus exposition of the sidecar, and its small HTTP server.
+
+:class:`WattprintCollector` is a custom ``prometheus_client`` collector. Each scrape calls its
+``snapshot_fn`` once and builds every metric from that one :class:`MetricsSnapshot`, taken at one
+instant, so that within one exposition::
+
+    sum(wattprint_energy_joules_total) + wattprint_idle_energy_joules_total
+        == sum(wattprint_device_energy_joules_total)
+
+(up to float rounding). Conventions (``facts.md``): base units in names, ``_total`` on counters, bounded
+label values only. A request id is never a label: it is the exemplar of the histogram bucket the
+request fell in (OpenMetrics exposition only). Strata are normalised with
+:func:`wattprint.profiler.strata.normalize` (anything unknown is ``unclassified``).
+
+:class:`MetricsServer` serves, on a threaded WSGI server (one thread per connection, so a scrape never
+blocks the sidecar's receive loop):
+
+* ``GET /metrics`` - Prometheus text or OpenMetrics (with exemplars), by content negotiation
+  (``Accept: application/openmetrics-text``), exactly as ``prometheus_client.make_wsgi_app``;
+* ``GET /v1/requests/{id}`` - one request's energy as JSON: 404 ``{"error": ...}`` while unknown,
+  ``{"status": "provisional", ...}`` while in flight or not yet settled, then the final record;
+* ``GET /healthz`` - 200 ``{"status": "ok", ...}``, or 503 when the sidecar is not healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import msgspec
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    Exemplar,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+
+from wattprint.profiler.meters.base import is_measured
+from wattprint.profiler.results import RequestResult, Totals
+from wattprint.profiler.strata import normalize
+
+log = logging.getLogger(__name__)
+
+#: Upper bounds (joules) of the per-request energy histogram. Spans a short request on a small model
+#: (tenths of a joule) to long generations on multi-GPU models (kJ); ML.ENERGY: 0.07-3.8 J/token.
+REQUEST_ENERGY_BUCKETS_J = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+                            1000.0, 2500.0, 5000.0, 10000.0)
+#: Upper bounds (joules per output token): facts.md figures range 0.018 to 3.8 J/token.
+ENERGY_PER_TOKEN_BUCKETS_J = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Reasons of ``wattprint_dropped_records_total`` always exported (0 until it happens).
+DROP_REASONS = ("queue_full", "hook_queue_full", "decode_error", "invalid", "no_hello", "unsupported_model",
+                "internal_error")
+PHASES = ("prefill", "decode")
+#: OpenMetrics caps an exemplar's label set at 128 UTF-8 characters.
+_EXEMPLAR_ID_MAX = 128 - len("request_id")
+
+
+# --------------------------------------------------------------------------------------- histograms
+class HistogramState:
+    """A cumulative histogram with the latest exemplar (request id) of each bucket. Not thread-safe:
+    the owner serialises :meth:`observe` and :meth:`copy`."""
+
+    __slots__ = ("bounds", "counts", "sum", "count", "exemplars")
+
+    def __init__(self, bounds: Iterable[float]):
+        self.bounds = tuple(sorted(float(b) for b in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket (not cumulative); last is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.exemplars: list[tuple[str, float, float | None] | None] = [None] * (len(self.bounds) + 1)
+
+    def observe(self, value: float, exemplar_id: str | None = None, timestamp_s: float | None = None) -> None:
+        if not math.isfinite(value):
+            return
+        i = bisect_left(self.bounds, value)  # first bound >= value: Prometheus buckets are `le`
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+        if exemplar_id is not None:
+            self.exemplars[i] = (str(exemplar_id)[:_EXEMPLAR_ID_MAX], float(value), timestamp_s)
+
+    def copy(self) -> HistogramState:
+        h = HistogramState.__new__(HistogramState)
+        h.bounds = self.bounds
+        h.counts = list(self.counts)
+        h.sum = self.sum
+        h.count = self.count
+        h.exemplars = list(self.exemplars)
+        return h
+
+    def buckets(self) -> list[tuple]:
+        """``prometheus_client`` bucket tuples: (le, cumulative count[, Exemplar])."""
+        out = []
+        cum = 0
+        for i, c in enumerate(self.counts):
+            cum += c
+            le = "+Inf" if i == len(self.bounds) else _fmt_le(self.bounds[i])
+            ex = self.exemplars[i]
+            if ex is None:
+                out.append((le, cum))
+            else:
+                out.append((le, cum, Exemplar({"request_id": ex[0]}, ex[1], ex[2])))
+        return out
+
+
+def _fmt_le(v: float) -> str:
+    return repr(float(v))
+
+
+# ----------------------------------------------------------------------------------------- snapshot
+@dataclass
+class MetricsSnapshot:
+    """Everything one scrape exports, taken at one instant.
+
+    ``model_totals`` maps a served-model label to its cumulative :class:`Totals` (raw strata keys);
+    measured, idle and per-device joules are summed over them, so conservation holds per exposition.
+    """
+
+    source: str
+    device_names: list[str] = field(default_factory=list)
+    device_power_w: list[float | None] = field(default_factory=list)
+    model_totals: dict[str, Totals] = field(default_factory=dict)
+    coefficients: dict = field(default_factory=dict)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, stratum) -> finished
+    request_energy: dict[tuple[str, str], HistogramState] = field(default_factory=dict)
+    energy_per_token: dict[tuple[str, str], HistogramState] = field(default_factory=dict)
+    steps: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    internal_errors: dict[str, int] = field(default_factory=dict)
+    lag_s: float | None = None
+
+
+def source_note(source: str) -> str:
+    """How the joules were obtained, for HELP texts."""
+    if is_measured(source):
+        return f"source: {source}; measured by a hardware energy counter"
+    if source.startswith("simulated") or source.endswith(":simulated"):
+        return f"source: {source}; simulated, not a measurement"
+    return f"source: {source}; estimated, not a measurement"
+
+
+def _finite(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class WattprintCollector:
+    """Builds every wattprint metric from one :class:`MetricsSnapshot` per scrape."""
+
+    def __init__(self, snapshot_fn: Callable[[], MetricsSnapshot]):
+        self.snapshot_fn = snapshot_fn
+
+    def describe(self):
+        return []  # names are dynamic per scrape; registering must not call snapshot_fn
+
+    def collect(self):
+        snap = self.snapshot_fn()
+        return self.families(snap)
+
+    @staticmethod
+    def families(snap: MetricsSnapshot) -> list:
+        note = source_note(snap.source)
+        out = []
+
+        # -- measured, per device, and idle: summed over the models' totals
+        n_dev = len(snap.device_names)
+        for t in snap.model_totals.values():
+            n_dev = max(n_dev, len(t.device_measured_j))
+        dev_j = [0.0] * n_dev
+        idle_j = 0.0
+        for t in snap.model_totals.values():
+            for i, v in enumerate(t.device_measured_j):
+                dev_j[i] += float(v)
+            idle_j += float(t.idle_j)
+        if n_dev == 0 and snap.model_totals:
+            dev_j = [sum(float(t.measured_j) for t in snap.model_totals.values())]
+        m = CounterMetricFamily(
+            "wattprint_device_energy_joules",
+            f"Energy drawn by each device since attribution began ({note}). "
+            "Equals the sum of wattprint_energy_joules_total and wattprint_idle_energy_joules_total.",
+            labels=["device"], unit="joules",
+        )
+        if snap.model_totals:
+            for i, v in enumerate(dev_j):
+                m.add_metric([str(i)], v)
+        out.append(m)
+
+        m = GaugeMetricFamily(
+            "wattprint_device_power_watts",
+            f"Power of each device, averaged over about the last second of meter readings ({note}).",
+            labels=["device"], unit="watts",
+        )
+        for i, p in enumerate(snap.device_power_w):
+            if p is not None and math.isfinite(p):
+                m.add_metric([str(i)], p)
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_idle_energy_joules",
+            f"Measured energy not attributed to any request: idle and unexplained ({note}).",
+            unit="joules",
+        )
+        m.add_metric([], idle_j)
+        out.append(m)
+
+        # -- attributed breakdowns, per served model, strata normalised
+        energy: dict[tuple[str, str, str], float] = {}
+        tokens: dict[tuple[str, str, str], float] = {}
+        kv: dict[tuple[str, str], float] = {}
+        kv_bytes: dict[tuple[str, str], float] = {}
+        for model, t in snap.model_totals.items():
+            for phase, by_stratum in (t.energy_j_by_phase_stratum or {}).items():
+                for raw, v in by_stratum.items():
+                    key = (model, str(phase), normalize(raw))
+                    energy[key] = energy.get(key, 0.0) + float(v)
+            for phase, by_stratum in (t.tokens_by_phase_stratum or {}).items():
+                for raw, v in by_stratum.items():
+                    key = (model, str(phase), normalize(raw))
+                    tokens[key] = tokens.get(key, 0.0) + float(v)
+            for raw, v in (t.kv_j_by_stratum or {}).items():
+                key = (model, normalize(raw))
+                kv[key] = kv.get(key, 0.0) + float(v)
+            for direction, v in (("read", t.kv_read_bytes), ("write", t.kv_write_bytes)):
+                kv_bytes[(model, direction)] = kv_bytes.get((model, direction), 0.0) + float(v)
+
+        m = CounterMetricFamily(
+            "wattprint_energy_joules",
+            f"Measured energy attributed to requests, by engine phase (prefill|decode) and usage stratum "
+            f"({note}; split between requests by the v1 cost model). Includes the KV-cache energy.",
+            labels=["model", "phase", "stratum"], unit="joules",
+        )
+        for key in sorted(energy):
+            m.add_metric(list(key), energy[key])
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_kv_cache_energy_joules",
+            f"Part of wattprint_energy_joules_total spent reading and writing the KV cache ({note}; "
+            "cost-model share of the measured energy).",
+            labels=["model", "stratum"], unit="joules",
+        )
+        for key in sorted(kv):
+            m.add_metric(list(key), kv[key])
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_kv_cache_bytes",
+            "KV-cache bytes read and written by attention, from the cost model (estimated, not measured).",
+            labels=["model", "direction"], unit="bytes",
+        )
+        for key in sorted(kv_bytes):
+            m.add_metric(list(key), kv_bytes[key])
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_tokens",
+            "Tokens processed in attributed engine steps, by phase (prefill: prompt tokens, decode: output tokens).",
+            labels=["model", "phase", "stratum"],
+        )
+        for key in sorted(tokens):
+            m.add_metric(list(key), tokens[key])
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_requests",
+            "Requests whose energy is final (finished and settled).",
+            labels=["model", "stratum"],
+        )
+        for key in sorted(snap.requests):
+            m.add_metric(list(key), snap.requests[key])
+        out.append(m)
+
+        for name, doc, hists in (
+            ("wattprint_request_energy_joules",
+             f"Energy of each finished request ({note}; cost-model share). Exemplars carry the request id.",
+             snap.request_energy),
+            ("wattprint_energy_per_output_token_joules",
+             f"Energy of each finished request divided by its output tokens ({note}; cost-model share). "
+             "Exemplars carry the request id.",
+             snap.energy_per_token),
+        ):
+            m = HistogramMetricFamily(name, doc, labels=["model", "stratum"], unit="joules")
+            for key in sorted(hists):
+                h = hists[key]
+                m.add_metric(list(key), h.buckets(), h.sum)
+            out.append(m)
+
+        m = CounterMetricFamily("wattprint_steps", "Engine steps received from the hook and accepted for attribution.")
+        m.add_metric([], snap.steps)
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_dropped_records",
+            "Step records not attributed, by reason (queue_full: sidecar queue; hook_queue_full: reported by "
+            "the engine hook; decode_error: undecodable message; invalid: rejected record; no_hello: steps "
+            "before any Hello; unsupported_model: model the cost model cannot describe; internal_error).",
+            labels=["reason"],
+        )
+        dropped = {r: 0 for r in DROP_REASONS}
+        dropped.update(snap.dropped)
+        for reason in sorted(dropped):
+            m.add_metric([reason], dropped[reason])
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_internal_errors",
+            "Problems the sidecar caught and survived (exceptions, a torn ledger line, an unsupported model), "
+            "by where they happened.",
+            labels=["where"],
+        )
+        for where in sorted(snap.internal_errors):
+            m.add_metric([where], snap.internal_errors[where])
+        out.append(m)
+
+        m = GaugeMetricFamily(
+            "wattprint_attribution_lag_seconds",
+            "How far attribution trails the present: age of the newest settled energy window.",
+            unit="seconds",
+        )
+        if snap.lag_s is not None and math.isfinite(snap.lag_s):
+            m.add_metric([], snap.lag_s)
+        out.append(m)
+
+        m = InfoMetricFamily("wattprint_meter", "The energy meter and the devices it reads.",
+                             labels=["source", "device_name"])
+        for name in sorted(set(snap.device_names)):
+            m.add_metric([snap.source, name], {})
+        out.append(m)
+
+        m = GaugeMetricFamily(
+            "wattprint_model_coefficient",
+            "Coefficients of the energy model in use (fitted online where the attributor fits them), by name.",
+            labels=["name"],
+        )
+        for name in sorted(snap.coefficients):
+            v = _finite(snap.coefficients[name])
+            if v is not None:
+                m.add_metric([str(name)], v)
+        out.append(m)
+        return out
+
+
+def make_registry(snapshot_fn: Callable[[], MetricsSnapshot]) -> CollectorRegistry:
+    """A registry holding only the wattprint collector (no process or platform collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WattprintCollector(snapshot_fn))
+    return registry
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+def result_json(result: RequestResult) -> bytes:
+    data = msgspec.structs.asdict(result)
+    data["j_per_output_token"] = result.j_per_output_token
+    return msgspec.json.encode(data)
+
+
+def _json_response(start_response, status: str, body: bytes | dict, head: bool = False):
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [] if head else [body]
+
+
+def make_app(
+    registry: CollectorRegistry,
+    lookup_fn: Callable[[str], RequestResult | None] | None = None,
+    health_fn: Callable[[], tuple[bool, dict]] | None = None,
+):
+    """The sidecar's WSGI application (``/metrics``, ``/v1/requests/{id}``, ``/healthz``)."""
+    metrics_app = make_wsgi_app(registry)
+    prefix = "/v1/requests/"
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/metrics" or path == "/metrics/":
+            return metrics_app(environ, start_response)
+        head = method == "HEAD"
+
+        def respond(status, body):
+            return _json_response(start_response, status, body, head)
+
+        if method not in ("GET", "HEAD"):
+            return respond("405 Method Not Allowed", {"error": f"{method} not allowed"})
+        if path.startswith(prefix) and lookup_fn is not None:
+            # PEP 3333: PATH_INFO is already percent-decoded, its bytes carried as latin-1
+            rid = path[len(prefix):]
+            try:
+                rid = rid.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                pass
+            if not rid:
+                return respond("404 Not Found", {"error": "no request id given"})
+            try:
+                result = lookup_fn(rid)
+            except Exception:  # noqa: BLE001 - never let a lookup take the server down
+                log.exception("request lookup failed for %r", rid)
+                return respond("500 Internal Server Error", {"error": "lookup failed"})
+            if result is None:
+                return respond("404 Not Found", {
+                    "error": f"unknown request id {rid!r}: not seen yet, or evicted from memory "
+                             "(finished requests are also in the ledger)",
+                    "id": rid,
+                })
+            return respond("200 OK", result_json(result))
+        if path == "/healthz":
+            ok, detail = (True, {}) if health_fn is None else health_fn()
+            body = {"status": "ok" if ok else "unhealthy", **detail}
+            return respond("200 OK" if ok else "503 Service Unavailable", body)
+        return respond("404 Not Found", {"error": f"no route {path}"})
+
+    return app
+
+
+class _SilentHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class MetricsServer:
+    """A threaded WSGI server on a daemon thread. ``port=0`` binds an ephemeral port (see ``.port``)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 9464):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+
+        class Server(_ThreadingWSGIServer):
+            address_family = family
+
+        self._httpd = make_server(sockaddr[0], port, app, Server, handler_class=_SilentHandler)
+        self.host = sockaddr[0]
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="wattprint-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+        self._httpd.server_close()

@@ -168,7 +168,7 @@ def run_profile(args) -> int:
     samples = [EnergySample(r.t_s, d, e, meter.source) for r in sc.recorded_readings for d, e in enumerate(r.energy_j)]
     _atomic_write(out / "steps.jsonl", b"".join(encode_line(s) for s in steps))
     _atomic_write(out / "energy.jsonl", b"".join(encode_line(e) for e in samples))
-    model_name = sc.hello.model if sc.hello else model_dir.name
+    model_name = geometry.name  # the name `wattprint attribute` gives the same config, so its output matches
     result = attribute(steps, samples, geometry, hw, source=meter.source, model_name=model_name,
                        energy_path=str(out / "energy.jsonl"))
     vllm_tokens = {g.prompt_id: g.output_tokens for g in gens}

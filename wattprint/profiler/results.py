@@ -25,10 +25,19 @@ class RequestResult(msgspec.Struct):
     t_end: float | None = None  # last step end
     model: str | None = None
     status: str = "final"  # "final", or "provisional" while the request is still running / not yet settled
+    flops_per_j: float | None = None  # model FLOPs per attributed joule
+    efficiency_class: str | None = None  # A-G (configs/efficiency.yaml)
 
     @property
     def j_per_output_token(self) -> float | None:
         return self.energy_j / self.output_tokens if self.output_tokens else None
+
+    def __post_init__(self):
+        if self.efficiency_class is None and self.energy_j > 0:
+            from wattprint.profiler.efficiency import efficiency_class, flops_per_j
+
+            self.flops_per_j = flops_per_j(self.flops, self.energy_j)
+            self.efficiency_class = efficiency_class(self.flops, self.energy_j)
 
 
 class Totals(msgspec.Struct):

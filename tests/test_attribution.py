@@ -125,3 +125,24 @@ def test_online_rejects_out_of_order(llama8b, h100):
     on.add_step(StepRecord(1, 0.0, 0.01, r))
     with pytest.raises(Exception, match="out of order"):
         on.add_step(StepRecord(1, 0.02, 0.03, r))
+
+
+def test_online_settles_a_request_aborted_between_steps(llama8b, h100):
+    """A request that never gets a finished flag (aborted while not scheduled) is settled after a while."""
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=2.0)
+    e, t = 0.0, 0.0
+    step = 0
+    out = []
+    while t < 6.0:
+        reqs = [RequestEntry("kept", 0, 1, 100 + step)]
+        if t < 1.0:
+            reqs.append(RequestEntry("aborted", 0, 1, 50 + step))  # disappears without finished=True
+        on.add_step(StepRecord(step, t, t + 0.02, reqs))
+        for k in range(3):  # a counter republished every 10 ms, polled at 100 Hz
+            e += 4.0
+            on.add_reading(Reading(t + 0.01 * k + 0.005, (e,), "simulated"))
+        step += 1
+        t += 0.03
+        out += on.advance(t)
+    assert [r.id for r in out] == ["aborted"]
+    assert out[0].energy_j > 0 and on.provisional("aborted") is None

@@ -653,10 +653,11 @@ class OnlineAttributor:
 
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
                  model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
-                 grace_s: float = 1.0):
+                 grace_s: float = 1.0, stale_after_s: float = 300.0):
         self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
         self.model = model_name or geometry.name
         self.window_s, self.grace_s = window_s, grace_s
+        self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
         self.half_life_s = fit_half_life_s
         self._steps: list[StepRecord] = []
         self._last_step: StepRecord | None = None
@@ -830,7 +831,11 @@ class OnlineAttributor:
             self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
         self._steps = [s for s in self._steps if s.t_end > end]
         live = {self.table.slots[r.id] for s in self._steps for r in s.requests}
-        for k in sorted(self.table.finished - live - self._emitted):
+        done_ids = self.table.finished - live - self._emitted
+        t_last = self.table.col("t_end")
+        stale = {k for k in range(len(self.table.ids)) if k not in live and k not in self._emitted
+                 and t_last[k] < end - self.stale_after_s}
+        for k in sorted(done_ids | stale):
             self._pending_results.append(self.table.result(k, self.source, self.model))
             self._emitted.add(k)
             tot.requests += 1

@@ -136,6 +136,7 @@ def write_tiny_model(
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
@@ -172,7 +173,13 @@ def write_tiny_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch_dtype)
         model.config.dtype = torch_dtype  # written as "dtype" (and "torch_dtype" by older transformers)
-        model.save_pretrained(tmp, safe_serialization=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         (tmp / MARKER).write_text(
             json.dumps(
                 {

@@ -56,7 +56,6 @@ def _energy_source(samples) -> str:
 def cmd_attribute(args) -> int:
     import msgspec
 
-    from wattprint.exporters.report import print_report
     from wattprint.profiler.attribution import attribute
     from wattprint.profiler.hardware import load_profile
     from wattprint.profiler.records import load_steps, read_energy
@@ -77,6 +76,8 @@ def cmd_attribute(args) -> int:
     if args.summary:
         _atomic_write(args.summary, msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n")
     if not args.quiet:
+        from wattprint.exporters.report import print_report  # rich: only when a table is printed
+
         print_report(result.requests, result.totals, limit=args.limit)
     return 0
 
@@ -144,7 +145,14 @@ def _lazy(module: str, name: str):
     return call
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Subcommands whose options live in heavy modules (the sidecar imports ZeroMQ
+    and prometheus-client) get their options only when ``command`` names them, so that, say,
+    ``wattprint attribute`` does not pay for importing the sidecar."""
+
+    def heavy(name: str) -> bool:
+        return command is None or command == name
+
     p = argparse.ArgumentParser(prog="wattprint", description="GPU-native energy profiler for LLM inference")
     p.add_argument("--version", action="version", version=f"wattprint {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,25 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_demo)
 
     sc = sub.add_parser("sidecar", help="receive engine steps, attribute energy online, serve /metrics")
-    from wattprint.profiler.sidecar import add_sidecar_arguments
-
-    add_sidecar_arguments(sc)
-    sc.set_defaults(func=_lazy("wattprint.profiler.sidecar", "run_sidecar"))
-
     sv = sub.add_parser("serve", help="the sidecar and vLLM's OpenAI server in one command: serve [options] -- ARGS")
-    add_sidecar_arguments(sv)
+    for name, sp in (("sidecar", sc), ("serve", sv)):
+        if heavy(name):
+            from wattprint.profiler.sidecar import add_sidecar_arguments
+
+            add_sidecar_arguments(sp)
+    sc.set_defaults(func=_lazy("wattprint.profiler.sidecar", "run_sidecar"))
     sv.set_defaults(func=lambda a: _lazy("wattprint.profiler.serve", "run_serve")(a, a.vllm_args))
 
     pf = sub.add_parser("profile", help="run prompts through vLLM offline and attribute their energy")
-    from wattprint.profiler.profile import add_profile_arguments
+    if heavy("profile"):
+        from wattprint.profiler.profile import add_profile_arguments
 
-    add_profile_arguments(pf)
+        add_profile_arguments(pf)
     pf.set_defaults(func=_lazy("wattprint.profiler.profile", "run_profile"))
     c = sub.add_parser("calibrate", help="measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)")
-    from wattprint.profiler.calibrate import add_calibrate_arguments, run_calibrate
+    if heavy("calibrate"):
+        from wattprint.profiler.calibrate import add_calibrate_arguments
 
-    add_calibrate_arguments(c)
-    c.set_defaults(func=run_calibrate)
+        add_calibrate_arguments(c)
+    c.set_defaults(func=_lazy("wattprint.profiler.calibrate", "run_calibrate"))
 
     t = sub.add_parser("tiny-model", help="write a small random-weight Llama and a tokenizer (no downloads)")
     t.add_argument("dir")
@@ -235,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # `wattprint serve [options] -- <vLLM server arguments>`
         i = argv.index("--")
         argv, vllm_args = argv[:i], argv[i + 1:]
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command is not None else "")
     args = parser.parse_args(argv)
     args.vllm_args = vllm_args
     try:

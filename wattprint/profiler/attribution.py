@@ -106,12 +106,16 @@ def columns_from_steps(steps: Sequence[StepRecord], g: ModelGeometry,
     slots = {} if slots is None else slots
     ids = [] if ids is None else ids
     e = entries if entries is not None else entry_arrays(list(steps))
-    with gc_paused():
-        for rid in dict.fromkeys(e.ids):
+    if not slots:  # a fresh table: adopt the entries' own interning
+        slots.update(zip(e.slot_ids, range(len(e.slot_ids))))
+        ids.extend(e.slot_ids)
+        req = e.slot
+    else:  # running table (online): map the entries' slots onto it
+        for rid in e.slot_ids:
             if rid not in slots:
                 slots[rid] = len(ids)
                 ids.append(rid)
-        req = np.fromiter(map(slots.__getitem__, e.ids), np.int64, len(e.ids))
+        req = np.fromiter(map(slots.__getitem__, e.slot_ids), np.int64, len(e.slot_ids))[e.slot]
     n = len(steps)
     cols = StepColumns(
         t_start=np.fromiter(map(_T0, steps), float, n),
@@ -424,13 +428,17 @@ def split_steps(cols: StepColumns, g: ModelGeometry, step_energy: np.ndarray,
                 e_flop_step: np.ndarray, e_byte: float) -> EntrySplit:
     """The v1 convention: a step's energy split by d_r / Σd."""
     so = cols.step_of
-    new = (cols.prefill + cols.decode).astype(float)
-    kv_bytes = cols.kv_read + cols.kv_write
-    d = e_flop_step[so] * cols.flops + e_byte * kv_bytes + e_byte * g.weight_bytes * new / cols.step_tokens[so]
+    kv_j = e_byte * (cols.kv_read + cols.kv_write)  # e_byte·(KV read + KV write)
+    # d_r = e_flop·F + e_byte·KV + e_byte·W·T/T_step, built in place
+    d = e_flop_step[so]
+    d *= cols.flops
+    d += kv_j
+    d += (e_byte * g.weight_bytes / cols.step_tokens)[so] * (cols.prefill + cols.decode)
     dsum = np.bincount(so, d, minlength=len(cols.t_start))
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(dsum[so] > 0, step_energy[so] * d / dsum[so], 0.0)
-        kv = np.where(d > 0, share * (e_byte * kv_bytes) / d, 0.0)
+        per_d = np.where(dsum > 0, step_energy / dsum, 0.0)  # joules per unit of d, per step
+    share = per_d[so] * d
+    kv = per_d[so] * kv_j  # = share · e_byte·KV / d_r
     return EntrySplit(share, kv, cols.prefill > 0)
 
 
@@ -480,11 +488,14 @@ class RequestTable:
             self.col("flops")[:n] += bc(req, cols.flops * w, n)
             self.col("prefill_tokens")[:n] += bc(req, cols.prefill * w, n)
             self.col("decode_tokens")[:n] += bc(req, cols.decode * w, n)
-            so = cols.step_of
+            # entries are in time order: a request's first entry starts it, its last ends it
+            # (fancy assignment keeps the last write, so write backwards for the first)
+            idx = np.flatnonzero(w > 0)
+            r_idx, so = req[idx], cols.step_of[idx]
             ts = np.full(n, math.inf)
-            np.minimum.at(ts, req, np.where(w > 0, cols.t_start[so], math.inf))
+            ts[r_idx[::-1]] = cols.t_start[so[::-1]]
             te = np.full(n, -math.inf)
-            np.maximum.at(te, req, np.where(w > 0, cols.t_end[so], -math.inf))
+            te[r_idx] = cols.t_end[so]
             np.minimum(self.col("t_start")[:n], ts, out=self.col("t_start")[:n])
             np.maximum(self.col("t_end")[:n], te, out=self.col("t_end")[:n])
 
@@ -542,14 +553,12 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
 
 
 # ------------------------------------------------------------------------------------------ offline
-def _request_metadata(steps: Sequence[StepRecord], table: RequestTable) -> None:
+def _request_metadata(reqs: list, table: RequestTable) -> None:
     """Stratum and prompt length of each request: the first value given (usually on its first entry).
     Only entries that carry one are visited (``compress`` runs the scan in C)."""
     with gc_paused():
-        reqs = [r for s in steps for r in s.requests]
-        idx = range(len(reqs))
-        with_stratum = [reqs[i] for i in compress(idx, map(_STRATUM, reqs))]
-        with_prompt = [reqs[i] for i in compress(idx, map(_PROMPT, reqs))]
+        with_stratum = list(compress(reqs, map(_STRATUM, reqs)))
+        with_prompt = list(compress(reqs, map(_PROMPT, reqs)))
     for r in with_stratum:
         k = table.slots[r.id]
         if table.stratum.get(k) is None:
@@ -592,9 +601,11 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     if not steps:
         raise InputError("no steps to attribute")
     table = RequestTable()
+    if entries is None:
+        entries = entry_arrays(list(steps))
     cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
     table.ensure(len(table.ids))
-    _request_metadata(steps, table)
+    _request_metadata(entries.reqs, table)
     devices = _energy_by_device(samples)
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])

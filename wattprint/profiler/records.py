@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import gc
 import math
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import count
 from operator import attrgetter
 from pathlib import Path
 
@@ -116,7 +118,9 @@ def _line_numbers(data: bytes) -> list[int]:
 class EntryArrays:
     """The request-step entries of a run of steps, as columns (extracted once, in C loops)."""
 
-    ids: list[str]
+    reqs: list[RequestEntry]  # every entry, flattened in step order
+    slot: np.ndarray  # entry -> request slot (order of first appearance)
+    slot_ids: list[str]  # slot -> request id
     prefill: np.ndarray
     decode: np.ndarray
     context: np.ndarray
@@ -124,14 +128,17 @@ class EntryArrays:
 
 
 def entry_arrays(steps: list[StepRecord]) -> EntryArrays:
+    """Extract the entries' columns. Every per-entry loop runs in C (``map``/``attrgetter``/``fromiter``;
+    ids are interned by a ``defaultdict`` whose factory numbers new ids)."""
     offsets = np.zeros(len(steps) + 1, dtype=np.int64)
     np.cumsum([len(s.requests) for s in steps], out=offsets[1:])
     n = int(offsets[-1])
     with gc_paused():
         reqs = [r for s in steps for r in s.requests]
-        ids = list(map(_get_id, reqs))
+        interned: defaultdict[str, int] = defaultdict(count().__next__)
+        slot = np.fromiter(map(interned.__getitem__, map(_get_id, reqs)), np.int64, n)
         cols = [np.fromiter(map(g, reqs), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
-    return EntryArrays(ids, cols[0], cols[1], cols[2], offsets)
+    return EntryArrays(reqs, slot, list(interned), cols[0], cols[1], cols[2], offsets)
 
 
 @dataclass
@@ -183,8 +190,8 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
         j = int(np.argmax(bad))
         step = int(np.searchsorted(e.offsets, j, side="right")) - 1
         neg = min(e.prefill[j], e.decode[j], e.context[j]) < 0
-        fail(step, f"request {e.ids[j]!r} has a negative token count" if neg
-             else f"request {e.ids[j]!r} is scheduled with no tokens")
+        rid = e.reqs[j].id
+        fail(step, f"request {rid!r} has a negative token count" if neg else f"request {rid!r} is scheduled with no tokens")
     return e
 
 

@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.wattprint-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ENGINE  := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: install demo test lint bench clean system-deps
+.PHONY: install demo test lint bench bench-hook clean system-deps
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_attribution.py
+
+bench-hook: $(STAMP)
+	$(BIN)/python bench/bench_hook_overhead.py --paired 10
 
 lint: $(STAMP)
 	$(BIN)/ruff check wattprint tests bench

@@ -40,13 +40,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _has_gpu() -> bool:
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def workload(seed: int = 0) -> list[tuple[str, str, int, str | None, str]]:
     """(name, prompt, max_tokens, stratum, how) - short and long prompts, every stratum; the stratum is
     sent in the body (``vllm_xargs``) or as the ``X-Wattprint-Stratum`` header."""
@@ -87,7 +80,7 @@ def run_demo(args) -> int:
     from wattprint.exporters.report import print_report
     from wattprint.profiler.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
-    from wattprint.profiler.serve import server_command, server_env, stop_server
+    from wattprint.profiler.serve import has_nvidia_gpu, server_command, server_env, stop_server
     from wattprint.profiler.sidecar import Sidecar, add_totals
     from wattprint.profiler.tinymodel import is_complete, write_tiny_model
 
@@ -99,7 +92,7 @@ def run_demo(args) -> int:
     if not is_complete(model_dir):
         with console.status(f"writing a tiny random-weight Llama and training its tokenizer in {model_dir} ..."):
             write_tiny_model(model_dir, seed=args.seed)
-    gpu = _has_gpu() and args.meter in ("auto", "nvml")
+    gpu = has_nvidia_gpu() and args.meter in ("auto", "nvml")
     meter_name = args.meter if args.meter != "auto" else ("nvml" if gpu else "simulated")
     if meter_name == "simulated":
         console.print(Panel(

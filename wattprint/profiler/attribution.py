@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress
 from operator import attrgetter
 
 import numpy as np
@@ -44,7 +43,6 @@ from wattprint.profiler.records import (
     StepRecord,
     StepTrace,
     entry_arrays,
-    gc_paused,
 )
 from wattprint.profiler.results import RequestResult, Totals
 
@@ -553,23 +551,32 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
 
 
 # ------------------------------------------------------------------------------------------ offline
-def _request_metadata(reqs: list, table: RequestTable) -> None:
-    """Stratum and prompt length of each request: the first value given (usually on its first entry).
-    Only entries that carry one are visited (``compress`` runs the scan in C)."""
-    with gc_paused():
-        with_stratum = list(compress(reqs, map(_STRATUM, reqs)))
-        with_prompt = list(compress(reqs, map(_PROMPT, reqs)))
-    for r in with_stratum:
-        k = table.slots[r.id]
-        if table.stratum.get(k) is None:
-            table.stratum[k] = r.stratum
+def _request_metadata(entries: EntryArrays, table: RequestTable) -> None:
+    """Stratum and prompt length of each request, from its first entry (the vLLM hook repeats them on
+    every entry; files may give them once). Only requests whose first entry names no stratum are
+    looked up further, in their later entries. Per-request work, not per-entry."""
+    reqs, slot = entries.reqs, entries.slot
+    n = len(entries.slot_ids)
+    first = np.empty(n, dtype=np.int64)
+    first[slot[::-1]] = np.arange(len(slot) - 1, -1, -1)  # the last write wins: each slot's first entry
     prompt_col = table.col("prompt_tokens")
-    for r in with_prompt:
-        k = table.slots[r.id]
-        prompt_col[k] = max(prompt_col[k], r.prompt_tokens)
-
-
-_STRATUM, _PROMPT = attrgetter("stratum"), attrgetter("prompt_tokens")
+    missing = np.zeros(n, dtype=bool)
+    for k, i in enumerate(first.tolist()):
+        r = reqs[i]
+        if r.stratum is not None:
+            table.stratum[k] = r.stratum
+        else:
+            missing[k] = True
+        if r.prompt_tokens:
+            prompt_col[k] = r.prompt_tokens
+    if missing.any():
+        for i in np.flatnonzero(missing[slot]).tolist():
+            r = reqs[i]
+            k = int(slot[i])
+            if r.stratum is not None and table.stratum.get(k) is None:
+                table.stratum[k] = r.stratum
+            if r.prompt_tokens:
+                prompt_col[k] = max(prompt_col[k], r.prompt_tokens)
 
 
 @dataclass
@@ -605,7 +612,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         entries = entry_arrays(list(steps))
     cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
     table.ensure(len(table.ids))
-    _request_metadata(entries.reqs, table)
+    _request_metadata(entries, table)
     devices = _energy_by_device(samples)
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])

@@ -149,6 +149,13 @@ def source_note(source: str) -> str:
     return f"source: {source}; estimated, not a measurement"
 
 
+def _labelled(family, values: dict):
+    """Fill a metric family from ``{label-value tuple: value}``, in a stable (sorted) order."""
+    for key in sorted(values):
+        family.add_metric(list(key), values[key])
+    return family
+
+
 def _finite(v) -> float | None:
     try:
         f = float(v)
@@ -242,9 +249,7 @@ class WattprintCollector:
             f"({note}; split between requests by the v1 cost model). Includes the KV-cache energy.",
             labels=["model", "phase", "stratum"], unit="joules",
         )
-        for key in sorted(energy):
-            m.add_metric(list(key), energy[key])
-        out.append(m)
+        out.append(_labelled(m, energy))
 
         m = CounterMetricFamily(
             "wattprint_kv_cache_energy_joules",
@@ -252,36 +257,28 @@ class WattprintCollector:
             "cost-model share of the measured energy).",
             labels=["model", "stratum"], unit="joules",
         )
-        for key in sorted(kv):
-            m.add_metric(list(key), kv[key])
-        out.append(m)
+        out.append(_labelled(m, kv))
 
         m = CounterMetricFamily(
             "wattprint_kv_cache_bytes",
             "KV-cache bytes read and written by attention, from the cost model (estimated, not measured).",
             labels=["model", "direction"], unit="bytes",
         )
-        for key in sorted(kv_bytes):
-            m.add_metric(list(key), kv_bytes[key])
-        out.append(m)
+        out.append(_labelled(m, kv_bytes))
 
         m = CounterMetricFamily(
             "wattprint_tokens",
             "Tokens processed in attributed engine steps, by phase (prefill: prompt tokens, decode: output tokens).",
             labels=["model", "phase", "stratum"],
         )
-        for key in sorted(tokens):
-            m.add_metric(list(key), tokens[key])
-        out.append(m)
+        out.append(_labelled(m, tokens))
 
         m = CounterMetricFamily(
             "wattprint_requests",
             "Requests whose energy is final (finished and settled).",
             labels=["model", "stratum"],
         )
-        for key in sorted(snap.requests):
-            m.add_metric(list(key), snap.requests[key])
-        out.append(m)
+        out.append(_labelled(m, snap.requests))
 
         for name, doc, hists in (
             ("wattprint_request_energy_joules",

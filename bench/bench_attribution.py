@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from wattprint.configs import config_dir
-from wattprint.profiler.attribution import attribute
-from wattprint.profiler.costmodel import geometry_from_config
-from wattprint.profiler.hardware import load_profile
-from wattprint.profiler.simulate import WorkloadSpec, simulate
+from wattprint.profiler.attribution.legacy import attribute
+from wattprint.profiler.core.costmodel import geometry_from_config
+from wattprint.profiler.core.hardware import load_profile
+from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SPEED_SPEC = WorkloadSpec(requests=3000, rate_rps=10.0, output_max=1280, quiet_s=0.0, seed=1)

@@ -103,7 +103,7 @@ class Sink:
     def __init__(self, address: str):
         import zmq
 
-        from wattprint.profiler import transport
+        from wattprint.profiler.transport import messages as transport
 
         self.transport = transport
         self.ctx = zmq.Context()
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="wattprint-bench-hook-"))
     if not args.model:
-        from wattprint.profiler.tinymodel import write_tiny_model
+        from wattprint.profiler.twin.tinymodel import write_tiny_model
 
         args.model = str(write_tiny_model(tmp / "tiny-model"))
     address = f"ipc://{tmp}/sidecar.sock"

@@ -1,8 +1,8 @@
 import pytest
 
 from wattprint.configs import config_dir
-from wattprint.profiler.costmodel import geometry_from_config
-from wattprint.profiler.hardware import load_profile
+from wattprint.profiler.core.costmodel import geometry_from_config
+from wattprint.profiler.core.hardware import load_profile
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from wattprint.profiler.attribution import OnlineAttributor, attribute, change_points
+from wattprint.profiler.attribution.legacy import OnlineAttributor, attribute, change_points
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.records import RequestEntry, StepRecord
-from wattprint.profiler.simulate import WorkloadSpec, simulate
+from wattprint.profiler.core.records import RequestEntry, StepRecord
+from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
 CASES = [  # (seed, requests, rate, devices)
     (11, 300, 8.0, 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 
 import numpy as np
@@ -12,8 +13,8 @@ import yaml
 
 from wattprint.errors import MeterError
 from wattprint.kernels import KernelWork
-from wattprint.profiler import calibrate as cal
-from wattprint.profiler.hardware import load_profile, profile_from_dict
+from wattprint.profiler.calibrate import legacy as cal
+from wattprint.profiler.core.hardware import load_profile, profile_from_dict
 
 TRUE = {
     "name": "test-gpu",
@@ -272,10 +273,10 @@ def test_keyboard_interrupt_while_writing_keeps_the_previous_profile(tmp_path, t
     out = tmp_path / "profile.yaml"
     out.write_text("previous\n")
 
-    def replace(self, target):
+    def replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pathlib.Path, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     assert run_cli("--meter", "simulated", "--simulate", str(true_yaml), "--out", str(out)) == 130
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.yaml", "true.yaml"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from wattprint.cli import main
-from wattprint.profiler.simulate import WorkloadSpec, simulate
+from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
 
 @pytest.fixture(scope="module")

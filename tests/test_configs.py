@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from wattprint.exporters import http as wp_http
-from wattprint.profiler import transport
-from wattprint.profiler.sidecar import Sidecar, add_sidecar_arguments
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.sidecar.daemon import Sidecar, add_sidecar_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "configs" / "prometheus"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wattprint.errors import ConfigError
-from wattprint.profiler import costmodel as cm
+from wattprint.profiler.core import costmodel as cm
 
 SMALL = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
          "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 10, "torch_dtype": "float32"}

@@ -75,7 +75,7 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> in
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     pytest.importorskip("vllm")
-    from wattprint.profiler.tinymodel import write_tiny_model
+    from wattprint.profiler.twin.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", seed=3)
 

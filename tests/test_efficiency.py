@@ -1,7 +1,7 @@
 import pytest
 
-from wattprint.profiler.efficiency import efficiency_class, thresholds
-from wattprint.profiler.results import RequestResult
+from wattprint.profiler.core.efficiency import efficiency_class, thresholds
+from wattprint.profiler.core.results import RequestResult
 
 
 def test_classes_are_ordered_and_cover_everything():

@@ -15,17 +15,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from wattprint.exporters.prometheus import (
-    DROP_REASONS,
-    REQUEST_ENERGY_BUCKETS_J,
-    HistogramState,
-    MetricsServer,
-    MetricsSnapshot,
-    make_app,
-    make_registry,
-    source_note,
-)
-from wattprint.profiler.results import RequestResult, Totals
+from wattprint.exporters.api import MetricsServer, make_app
+from wattprint.exporters.histograms import REQUEST_ENERGY_BUCKETS_J, HistogramState
+from wattprint.exporters.prometheus import DROP_REASONS, MetricsSnapshot, make_registry, source_note
+from wattprint.profiler.core.results import RequestResult, Totals
 
 
 def _totals(scale: float = 1.0, source: str = "nvml") -> Totals:

@@ -9,7 +9,7 @@ import pytest
 
 from wattprint.errors import InputError
 from wattprint.exporters.ledger import Ledger, read_ledger
-from wattprint.profiler.results import RequestResult
+from wattprint.profiler.core.results import RequestResult
 
 
 def _result(rid: str, energy_j: float = 10.0, model: str | None = None) -> RequestResult:

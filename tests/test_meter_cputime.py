@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from wattprint.errors import MeterError
-from wattprint.profiler.hardware import load_profile
+from wattprint.profiler.core.hardware import load_profile
 from wattprint.profiler.meters.base import is_measured
 from wattprint.profiler.meters.cputime import CpuTimeMeter
 

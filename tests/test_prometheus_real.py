@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wattprint.profiler.sidecar import Sidecar
+from wattprint.profiler.sidecar.daemon import Sidecar
 
 pytestmark = pytest.mark.prometheus
 

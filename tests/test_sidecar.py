@@ -20,12 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from wattprint.errors import ConfigError, InputError
 from wattprint.exporters.ledger import read_ledger
-from wattprint.profiler import sidecar as sidecar_mod
-from wattprint.profiler import transport
+from wattprint.profiler.sidecar import daemon as sidecar_mod
+from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
-from wattprint.profiler.records import RequestEntry, StepRecord
-from wattprint.profiler.results import RequestResult, Totals
-from wattprint.profiler.sidecar import (
+from wattprint.profiler.core.records import RequestEntry, StepRecord
+from wattprint.profiler.core.results import RequestResult, Totals
+from wattprint.profiler.sidecar.daemon import (
     Sidecar,
     add_sidecar_arguments,
     add_totals,

@@ -12,12 +12,12 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from wattprint.exporters.ledger import read_ledger
-from wattprint.profiler import transport
-from wattprint.profiler.records import RequestEntry, StepRecord
-from wattprint.profiler.sidecar import Sidecar
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.core.records import RequestEntry, StepRecord
+from wattprint.profiler.sidecar.daemon import Sidecar
 
-attribution = pytest.importorskip("wattprint.profiler.attribution")
-pytest.importorskip("wattprint.profiler.timeline")
+attribution = pytest.importorskip("wattprint.profiler.attribution.legacy")
+pytest.importorskip("wattprint.profiler.timeline.sampler")
 simulated = pytest.importorskip("wattprint.profiler.meters.simulated")
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8,

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from wattprint.exporters.ledger import read_ledger
-from wattprint.profiler.sidecar import Sidecar
+from wattprint.profiler.sidecar.daemon import Sidecar
 
 pytestmark = pytest.mark.vllm
 
@@ -39,7 +39,7 @@ def _request(url, body=None, headers=None, timeout=60):
 def stack(tmp_path_factory):
     pytest.importorskip("vllm")
     simulated = pytest.importorskip("wattprint.profiler.meters.simulated")
-    from wattprint.profiler.tinymodel import write_tiny_model
+    from wattprint.profiler.twin.tinymodel import write_tiny_model
 
     tmp = tmp_path_factory.mktemp("stack")
     model = write_tiny_model(tmp / "tiny", seed=1)

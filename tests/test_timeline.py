@@ -10,7 +10,7 @@ import pytest
 
 from wattprint.errors import InputError, MeterError
 from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
-from wattprint.profiler.timeline import EnergyTimeline
+from wattprint.profiler.timeline.sampler import EnergyTimeline
 
 
 def true_energy(t: float, step_t: float = 1.0, p1: float = 100.0, p2: float = 300.0) -> float:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from wattprint.errors import ConfigError
-from wattprint.profiler.tinymodel import MARKER, is_complete, write_tiny_model
+from wattprint.profiler.twin.tinymodel import MARKER, is_complete, write_tiny_model
 
 
 @pytest.fixture(scope="module")

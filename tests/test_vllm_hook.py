@@ -16,8 +16,8 @@ from collections import defaultdict
 import pytest
 import zmq
 
-from wattprint.profiler import transport
-from wattprint.profiler.records import StepRecord, validate_steps
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.core.records import StepRecord, validate_steps
 from wattprint.profiler.vllm import plugin
 from wattprint.profiler.vllm.hook import _strip_random_suffix
 
@@ -211,7 +211,7 @@ class Receiver:
 @pytest.fixture(scope="module", params=["direct", "thread"])
 def engine(tmp_path_factory, request):
     vllm = pytest.importorskip("vllm")
-    from wattprint.profiler.tinymodel import write_tiny_model
+    from wattprint.profiler.twin.tinymodel import write_tiny_model
 
     tmp = tmp_path_factory.mktemp("vllm_hook")
     model = write_tiny_model(tmp / "tiny", seed=1)

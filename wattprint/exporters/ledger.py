@@ -1,6 +1,6 @@
 """The request ledger: one JSON line per finished request, appended and never rewritten.
 
-Each line holds the fields of :class:`~wattprint.profiler.results.RequestResult` (``model`` and
+Each line holds the fields of :class:`~wattprint.profiler.core.results.RequestResult` (``model`` and
 ``source`` always filled in), plus ``j_per_output_token``. Lines are written with a single
 ``write()`` on a descriptor opened with ``O_APPEND``: there is no user-space buffer, so a crash loses
 at most the line being written. ``fsync`` runs at most every ``fsync_interval_s`` seconds (and on
@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 
 from wattprint.errors import InputError
-from wattprint.profiler.results import RequestResult
+from wattprint.profiler.core.results import RequestResult
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus exposition of the sidecar, and its small HTTP server.
+"""Prometheus exposition of the sidecar (``/metrics``).
 
 :class:`WattprintCollector` is a custom ``prometheus_client`` collector. Each scrape calls its
 ``snapshot_fn`` once and builds every metric from that one :class:`MetricsSnapshot`, taken at one
@@ -10,112 +10,34 @@ instant, so that within one exposition::
 (up to float rounding). Conventions (``facts.md``): base units in names, ``_total`` on counters, bounded
 label values only. A request id is never a label: it is the exemplar of the histogram bucket the
 request fell in (OpenMetrics exposition only). Strata are normalised with
-:func:`wattprint.profiler.strata.normalize` (anything unknown is ``unclassified``).
+:func:`wattprint.profiler.core.strata.normalize` (anything unknown is ``unclassified``).
 
-:class:`MetricsServer` serves, on a threaded WSGI server (one thread per connection, so a scrape never
-blocks the sidecar's receive loop):
-
-* ``GET /metrics`` - Prometheus text or OpenMetrics (with exemplars), by content negotiation
-  (``Accept: application/openmetrics-text``), exactly as ``prometheus_client.make_wsgi_app``;
-* ``GET /v1/requests/{id}`` - one request's energy as JSON: 404 ``{"error": ...}`` while unknown,
-  ``{"status": "provisional", ...}`` while in flight or not yet settled, then the final record;
-* ``GET /healthz`` - 200 ``{"status": "ok", ...}``, or 503 when the sidecar is not healthy.
+The HTTP server is :mod:`wattprint.exporters.api`; histogram state is :mod:`wattprint.exporters.histograms`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import socket
-import threading
-from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import msgspec
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
-    Exemplar,
     GaugeMetricFamily,
     HistogramMetricFamily,
     InfoMetricFamily,
 )
 
+from wattprint.exporters.histograms import HistogramState
+from wattprint.profiler.core.results import Totals
+from wattprint.profiler.core.strata import normalize
 from wattprint.profiler.meters.base import is_measured
-from wattprint.profiler.results import RequestResult, Totals
-from wattprint.profiler.strata import normalize
 
-log = logging.getLogger(__name__)
-
-#: Upper bounds (joules) of the per-request energy histogram. Spans a short request on a small model
-#: (tenths of a joule) to long generations on multi-GPU models (kJ); ML.ENERGY: 0.07-3.8 J/token.
-REQUEST_ENERGY_BUCKETS_J = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
-                            1000.0, 2500.0, 5000.0, 10000.0)
-#: Upper bounds (joules per output token): facts.md figures range 0.018 to 3.8 J/token.
-ENERGY_PER_TOKEN_BUCKETS_J = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Reasons of ``wattprint_dropped_records_total`` always exported (0 until it happens).
 DROP_REASONS = ("queue_full", "hook_queue_full", "decode_error", "invalid", "no_hello", "unsupported_model",
                 "internal_error")
 PHASES = ("prefill", "decode")
-#: OpenMetrics caps an exemplar's label set at 128 UTF-8 characters.
-_EXEMPLAR_ID_MAX = 128 - len("request_id")
-
-
-# --------------------------------------------------------------------------------------- histograms
-class HistogramState:
-    """A cumulative histogram with the latest exemplar (request id) of each bucket. Not thread-safe:
-    the owner serialises :meth:`observe` and :meth:`copy`."""
-
-    __slots__ = ("bounds", "counts", "sum", "count", "exemplars")
-
-    def __init__(self, bounds: Iterable[float]):
-        self.bounds = tuple(sorted(float(b) for b in bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # per bucket (not cumulative); last is +Inf
-        self.sum = 0.0
-        self.count = 0
-        self.exemplars: list[tuple[str, float, float | None] | None] = [None] * (len(self.bounds) + 1)
-
-    def observe(self, value: float, exemplar_id: str | None = None, timestamp_s: float | None = None) -> None:
-        if not math.isfinite(value):
-            return
-        i = bisect_left(self.bounds, value)  # first bound >= value: Prometheus buckets are `le`
-        self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-        if exemplar_id is not None:
-            self.exemplars[i] = (str(exemplar_id)[:_EXEMPLAR_ID_MAX], float(value), timestamp_s)
-
-    def copy(self) -> HistogramState:
-        h = HistogramState.__new__(HistogramState)
-        h.bounds = self.bounds
-        h.counts = list(self.counts)
-        h.sum = self.sum
-        h.count = self.count
-        h.exemplars = list(self.exemplars)
-        return h
-
-    def buckets(self) -> list[tuple]:
-        """``prometheus_client`` bucket tuples: (le, cumulative count[, Exemplar])."""
-        out = []
-        cum = 0
-        for i, c in enumerate(self.counts):
-            cum += c
-            le = "+Inf" if i == len(self.bounds) else _fmt_le(self.bounds[i])
-            ex = self.exemplars[i]
-            if ex is None:
-                out.append((le, cum))
-            else:
-                out.append((le, cum, Exemplar({"request_id": ex[0]}, ex[1], ex[2])))
-        return out
-
-
-def _fmt_le(v: float) -> str:
-    return repr(float(v))
-
 
 # ----------------------------------------------------------------------------------------- snapshot
 @dataclass
@@ -355,111 +277,3 @@ def make_registry(snapshot_fn: Callable[[], MetricsSnapshot]) -> CollectorRegist
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WattprintCollector(snapshot_fn))
     return registry
-
-
-# ------------------------------------------------------------------------------------------- HTTP
-def result_json(result: RequestResult) -> bytes:
-    data = msgspec.structs.asdict(result)
-    data["j_per_output_token"] = result.j_per_output_token
-    return msgspec.json.encode(data)
-
-
-def _json_response(start_response, status: str, body: bytes | dict, head: bool = False):
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                            ("Cache-Control", "no-store")])
-    return [] if head else [body]
-
-
-def make_app(
-    registry: CollectorRegistry,
-    lookup_fn: Callable[[str], RequestResult | None] | None = None,
-    health_fn: Callable[[], tuple[bool, dict]] | None = None,
-):
-    """The sidecar's WSGI application (``/metrics``, ``/v1/requests/{id}``, ``/healthz``)."""
-    metrics_app = make_wsgi_app(registry)
-    prefix = "/v1/requests/"
-
-    def app(environ, start_response):
-        path = environ.get("PATH_INFO") or "/"
-        method = environ.get("REQUEST_METHOD", "GET")
-        if path == "/metrics" or path == "/metrics/":
-            return metrics_app(environ, start_response)
-        head = method == "HEAD"
-
-        def respond(status, body):
-            return _json_response(start_response, status, body, head)
-
-        if method not in ("GET", "HEAD"):
-            return respond("405 Method Not Allowed", {"error": f"{method} not allowed"})
-        if path.startswith(prefix) and lookup_fn is not None:
-            # PEP 3333: PATH_INFO is already percent-decoded, its bytes carried as latin-1
-            rid = path[len(prefix):]
-            try:
-                rid = rid.encode("latin-1").decode("utf-8")
-            except UnicodeError:
-                pass
-            if not rid:
-                return respond("404 Not Found", {"error": "no request id given"})
-            try:
-                result = lookup_fn(rid)
-            except Exception:  # noqa: BLE001 - never let a lookup take the server down
-                log.exception("request lookup failed for %r", rid)
-                return respond("500 Internal Server Error", {"error": "lookup failed"})
-            if result is None:
-                return respond("404 Not Found", {
-                    "error": f"unknown request id {rid!r}: not seen yet, or evicted from memory "
-                             "(finished requests are also in the ledger)",
-                    "id": rid,
-                })
-            return respond("200 OK", result_json(result))
-        if path == "/healthz":
-            ok, detail = (True, {}) if health_fn is None else health_fn()
-            body = {"status": "ok" if ok else "unhealthy", **detail}
-            return respond("200 OK" if ok else "503 Service Unavailable", body)
-        return respond("404 Not Found", {"error": f"no route {path}"})
-
-    return app
-
-
-class _SilentHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
-        pass
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class MetricsServer:
-    """A threaded WSGI server on a daemon thread. ``port=0`` binds an ephemeral port (see ``.port``)."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 9464):
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-
-        class Server(_ThreadingWSGIServer):
-            address_family = family
-
-        self._httpd = make_server(sockaddr[0], port, app, Server, handler_class=_SilentHandler)
-        self.host = sockaddr[0]
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="wattprint-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wattprint.profiler.meters.base import is_measured
-from wattprint.profiler.results import RequestResult, Totals
+from wattprint.profiler.core.results import RequestResult, Totals
 
 
 def source_note(source: str) -> str:

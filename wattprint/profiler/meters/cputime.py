@@ -29,7 +29,7 @@ _BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
 
 def default_powers() -> tuple[float, float]:
     """``(active_power_per_core_w, idle_power_w)`` from the shipped ``cpu`` hardware profile."""
-    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.core.hardware import load_profile
 
     profile = load_profile("cpu")
     cores = psutil.cpu_count() or 1

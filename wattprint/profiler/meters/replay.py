@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wattprint.errors import MeterError
 from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
-from wattprint.profiler.records import EnergySample, encode_line, read_energy
+from wattprint.profiler.core.records import EnergySample, encode_line, read_energy
 
 
 def _strip_replay(source: str) -> str:

@@ -1,9 +1,9 @@
-"""The engine-side observer: one :class:`~wattprint.profiler.records.StepRecord` per vLLM engine step.
+"""The engine-side observer: one :class:`~wattprint.profiler.core.records.StepRecord` per vLLM engine step.
 
 :func:`install` patches ``vllm.v1.core.sched.scheduler.Scheduler`` at class level (so every subclass,
 ``AsyncScheduler`` included, is covered):
 
-* ``Scheduler.__init__``: after vLLM's own, sends a :class:`~wattprint.profiler.transport.Hello`.
+* ``Scheduler.__init__``: after vLLM's own, sends a :class:`~wattprint.profiler.transport.messages.Hello`.
 * ``Scheduler.schedule``: takes ``time.monotonic()`` before vLLM's own, then reads
   ``SchedulerOutput.num_scheduled_tokens`` (internal request id -> tokens this step) and, per request,
   ``Request.num_computed_tokens`` (already advanced by the scheduler, so the context before the step is
@@ -65,8 +65,8 @@ from array import array
 
 import zmq
 
-from wattprint.profiler import transport
-from wattprint.profiler.records import RequestEntry, StepRecord
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.core.records import RequestEntry, StepRecord
 
 logger = logging.getLogger("vllm.wattprint")
 

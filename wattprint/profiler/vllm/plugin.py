@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from wattprint.profiler.transport import ENV_SIDECAR
+from wattprint.profiler.transport.messages import ENV_SIDECAR
 
 # Under the "vllm." namespace so that vLLM's log handler and format apply in its processes.
 logger = logging.getLogger("vllm.wattprint")

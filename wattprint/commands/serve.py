@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from wattprint.profiler import transport
+from wattprint.profiler.transport import messages as transport
 
 MIDDLEWARE = "wattprint.exporters.http.WattprintMiddleware"
 
@@ -63,7 +63,7 @@ def run_serve(args, vllm_args: Sequence[str]) -> int:
     """Run the sidecar and the server until Ctrl-C/SIGTERM or until the server exits."""
     from wattprint.errors import ConfigError
     from wattprint.profiler.meters.auto import open_meter
-    from wattprint.profiler.sidecar import Sidecar
+    from wattprint.profiler.sidecar.daemon import Sidecar
 
     if not [a for a in vllm_args if a != "--"]:
         raise ConfigError("give the vLLM server's arguments after `--`, e.g. wattprint serve -- --model DIR")
@@ -90,3 +90,13 @@ def run_serve(args, vllm_args: Sequence[str]) -> int:
             signal.signal(sig, h)
         meter.close()
     return 0 if stop.is_set() else rc
+
+
+def add_arguments(parser) -> None:
+    from wattprint.profiler.sidecar.daemon import add_sidecar_arguments
+
+    add_sidecar_arguments(parser)
+
+
+def run(args) -> int:
+    return run_serve(args, args.vllm_args)

@@ -19,11 +19,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from wattprint.profiler import costmodel as cm
-from wattprint.profiler.costmodel import ModelGeometry
-from wattprint.profiler.hardware import HardwareProfile
-from wattprint.profiler.meters.simulated import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
-from wattprint.profiler.records import EnergySample, RequestEntry, StepRecord, encode_line
+from wattprint.profiler.core import costmodel as cm
+from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.hardware import HardwareProfile
+from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
+from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line
 
 STRATA = ("critical", "science", "productive", "agentic")
 

@@ -17,8 +17,8 @@ The procedure (``docs/calibration.md`` explains each step and how to read the re
 
 ``--meter simulated`` runs the same plan and the same analysis on :class:`SimulatedDevice`: no kernel
 runs, no time passes; the kernels' analytic counts and a throughput model drive a power trace
-(:class:`~wattprint.profiler.meters.simulated.PowerTrace`) read through an NVML-like counter
-(:class:`~wattprint.profiler.meters.simulated.SensorEffects`), with the coefficients of a TRUE profile.
+(:class:`~wattprint.profiler.twin.power.PowerTrace`) read through an NVML-like counter
+(:class:`~wattprint.profiler.twin.power.SensorEffects`), with the coefficients of a TRUE profile.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from wattprint.kernels.compute import compute_work
 from wattprint.kernels.intensity import intensity_work, nominal_intensity
 from wattprint.kernels.kv_gather import kv_gather_work
 from wattprint.kernels.stream import stream_copy_work, stream_sum_work
-from wattprint.profiler.hardware import HardwareProfile, load_profile, save_profile
-from wattprint.profiler.meters.simulated import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
+from wattprint.profiler.core.hardware import HardwareProfile, load_profile, save_profile
+from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
 
 DEFAULT_SIM_PROFILE = "h100-sxm"
 DEFAULT_SECONDS = 5.0

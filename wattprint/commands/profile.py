@@ -17,8 +17,8 @@ from pathlib import Path
 import msgspec
 
 from wattprint.errors import InputError
-from wattprint.profiler import transport
-from wattprint.profiler.records import EnergySample, RequestEntry, StepRecord, encode_line
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line
 
 
 class PromptSpec(msgspec.Struct, forbid_unknown_fields=False):
@@ -55,7 +55,7 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
 
 
 def _recording_sidecar_class():
-    from wattprint.profiler.sidecar import Sidecar
+    from wattprint.profiler.sidecar.daemon import Sidecar
 
     class RecordingSidecar(Sidecar):
         """The sidecar, also keeping every step record and meter reading (for the trace files)."""
@@ -121,13 +121,13 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 def run_profile(args) -> int:
     from rich.console import Console
 
-    from wattprint.cli import _atomic_write
+    from wattprint.files import atomic_write as _atomic_write
     from wattprint.exporters.report import print_report, source_note
-    from wattprint.profiler.attribution import attribute
-    from wattprint.profiler.costmodel import geometry_from_config
-    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.attribution.legacy import attribute
+    from wattprint.profiler.core.costmodel import geometry_from_config
+    from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
-    from wattprint.profiler.serve import has_nvidia_gpu
+    from wattprint.commands.serve import has_nvidia_gpu
     from wattprint.profiler.vllm.offline import generate
 
     console = Console(stderr=True)
@@ -195,14 +195,9 @@ def render_offline_exposition(totals, results, model: str, device_names: list[st
     """The Prometheus exposition of an offline attribution (same metrics as the sidecar's /metrics)."""
     from prometheus_client import generate_latest
 
-    from wattprint.exporters.prometheus import (
-        ENERGY_PER_TOKEN_BUCKETS_J,
-        REQUEST_ENERGY_BUCKETS_J,
-        HistogramState,
-        MetricsSnapshot,
-        make_registry,
-    )
-    from wattprint.profiler.strata import normalize
+    from wattprint.exporters.histograms import ENERGY_PER_TOKEN_BUCKETS_J, REQUEST_ENERGY_BUCKETS_J, HistogramState
+    from wattprint.exporters.prometheus import MetricsSnapshot, make_registry
+    from wattprint.profiler.core.strata import normalize
 
     counts, energy, per_token = {}, {}, {}
     for r in results:
@@ -216,3 +211,7 @@ def render_offline_exposition(totals, results, model: str, device_names: list[st
                            coefficients=dict(totals.coefficients or {}), requests=counts, request_energy=energy,
                            energy_per_token=per_token, steps=totals.steps)
     return generate_latest(make_registry(lambda: snap))
+
+
+add_arguments = add_profile_arguments
+run = run_profile

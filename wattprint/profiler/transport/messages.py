@@ -18,7 +18,7 @@ import os
 
 import msgspec
 
-from wattprint.profiler.records import StepRecord
+from wattprint.profiler.core.records import StepRecord
 
 DEFAULT_SOCKET = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "wattprint.sock")
 ENV_SIDECAR = "WATTPRINT_SIDECAR"  # the address the hook sends to: a path or an ipc:// URL

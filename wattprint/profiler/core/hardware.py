@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from wattprint.configs import config_dir
+from wattprint.files import atomic_write
 from wattprint.errors import ConfigError
 
 REQUIRED_KEYS = (
@@ -107,11 +108,8 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
 
 
 def save_profile(profile: HardwareProfile, path: str | Path, header: str = "") -> None:
-    """Write a profile atomically (temp file + rename): an interruption leaves no half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write a profile atomically: an interruption leaves no half-written file."""
     text = (header if header.endswith("\n") or not header else header + "\n") + yaml.safe_dump(
         profile.to_dict(), sort_keys=False
     )
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text.encode())

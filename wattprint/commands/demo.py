@@ -75,14 +75,14 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float, log_path: P
 
 
 def run_demo(args) -> int:
-    from wattprint.cli import _atomic_write
+    from wattprint.files import atomic_write as _atomic_write
     from wattprint.exporters.prometheus import make_registry
     from wattprint.exporters.report import print_report
-    from wattprint.profiler.hardware import load_profile
+    from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
-    from wattprint.profiler.serve import has_nvidia_gpu, server_command, server_env, stop_server
-    from wattprint.profiler.sidecar import Sidecar, add_totals
-    from wattprint.profiler.tinymodel import is_complete, write_tiny_model
+    from wattprint.commands.serve import has_nvidia_gpu, server_command, server_env, stop_server
+    from wattprint.profiler.sidecar.daemon import Sidecar, add_totals
+    from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()
     out = Path(args.out)
@@ -188,3 +188,16 @@ def _send_workload(console: Console, port: int, items) -> dict[str, tuple[str, i
                 sent[name] = value
                 progress.advance(task)
     return sent
+
+
+def add_arguments(d) -> None:
+    d.add_argument("--out", default="wattprint-demo", help="output directory")
+    d.add_argument("--meter", default="auto", choices=("auto", "nvml", "rapl", "cputime", "simulated"),
+                   help="auto: NVML with a GPU, else the simulated twin")
+    d.add_argument("--model", default=None, help="model directory to serve (default: build the tiny model)")
+    d.add_argument("--hardware", default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--timeout-s", type=float, default=420.0, help="how long the server may take to start")
+
+
+run = run_demo

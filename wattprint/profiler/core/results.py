@@ -34,7 +34,7 @@ class RequestResult(msgspec.Struct):
 
     def __post_init__(self):
         if self.efficiency_class is None and self.energy_j > 0:
-            from wattprint.profiler.efficiency import efficiency_class, flops_per_j
+            from wattprint.profiler.core.efficiency import efficiency_class, flops_per_j
 
             self.flops_per_j = flops_per_j(self.flops, self.energy_j)
             self.efficiency_class = efficiency_class(self.flops, self.energy_j)

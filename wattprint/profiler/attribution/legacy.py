@@ -14,7 +14,7 @@ The method (``docs/attribution.md``):
    is given exactly once, to a step or to idle (conservation), and the counter's timing jitter, which
    is large per 100 ms interval, is small per block.
 4. **Requests.** A step's energy is split between its requests by the v1 convention
-   (:func:`wattprint.profiler.costmodel.dynamic_energy_j` with the fitted coefficients); a share counts
+   (:func:`wattprint.profiler.core.costmodel.dynamic_energy_j` with the fitted coefficients); a share counts
    as prefill when the request had prefill tokens in the step; its KV part is
    ``share · e_b·(KV read + KV write) / d_r``.
 
@@ -33,18 +33,18 @@ from operator import attrgetter
 import numpy as np
 
 from wattprint.errors import InputError
-from wattprint.profiler import costmodel as cm
-from wattprint.profiler.costmodel import ModelGeometry
-from wattprint.profiler.hardware import HardwareProfile
+from wattprint.profiler.core import costmodel as cm
+from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.records import (
+from wattprint.profiler.core.records import (
     EnergySample,
     EntryArrays,
     StepRecord,
     StepTrace,
     entry_arrays,
 )
-from wattprint.profiler.results import RequestResult, Totals
+from wattprint.profiler.core.results import RequestResult, Totals
 
 COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",
               "idle_power_w", "idle_decay_power_w")

@@ -46,28 +46,22 @@ import zmq
 
 from wattprint.errors import ConfigError, InputError
 from wattprint.exporters.ledger import Ledger
-from wattprint.exporters.prometheus import (
-    ENERGY_PER_TOKEN_BUCKETS_J,
-    REQUEST_ENERGY_BUCKETS_J,
-    HistogramState,
-    MetricsServer,
-    MetricsSnapshot,
-    make_app,
-    make_registry,
-)
-from wattprint.profiler import transport
-from wattprint.profiler.costmodel import (
+from wattprint.exporters.api import MetricsServer, make_app
+from wattprint.exporters.histograms import ENERGY_PER_TOKEN_BUCKETS_J, REQUEST_ENERGY_BUCKETS_J, HistogramState
+from wattprint.exporters.prometheus import MetricsSnapshot, make_registry
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.core.costmodel import (
     ModelGeometry,
     geometry_from_config,
     kv_read_bytes,
     kv_write_bytes,
     request_flops,
 )
-from wattprint.profiler.hardware import HardwareProfile, load_profile
+from wattprint.profiler.core.hardware import HardwareProfile, load_profile
 from wattprint.profiler.meters.base import Meter, Reading
-from wattprint.profiler.records import StepRecord
-from wattprint.profiler.results import RequestResult, Totals
-from wattprint.profiler.strata import normalize
+from wattprint.profiler.core.records import StepRecord
+from wattprint.profiler.core.results import RequestResult, Totals
+from wattprint.profiler.core.strata import normalize
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +237,14 @@ class _MessageQueue:
 
 
 def _default_attributor_factory(geometry, profile, *, n_devices, source, model_name, window_s):
-    from wattprint.profiler.attribution import OnlineAttributor
+    from wattprint.profiler.attribution.legacy import OnlineAttributor
 
     return OnlineAttributor(geometry, profile, n_devices=n_devices, source=source, model_name=model_name,
                             window_s=window_s)
 
 
 def _default_timeline_factory(meter, rate_hz, on_reading):
-    from wattprint.profiler.timeline import EnergyTimeline
+    from wattprint.profiler.timeline.sampler import EnergyTimeline
 
     return EnergyTimeline(meter, rate_hz=rate_hz, on_reading=on_reading)
 

@@ -1,0 +1,38 @@
+"""Small helpers shared by commands: resolving a model argument, naming an energy source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from wattprint.configs import config_dir
+from wattprint.errors import ConfigError
+from wattprint.profiler.core.costmodel import ModelGeometry, geometry_from_config
+
+METER_CHOICES = ("auto", "nvml", "rapl", "cputime", "simulated")
+
+
+def model_config_path(spec: str) -> Path:
+    """A config.json path, a model directory, or the name of a shipped config (configs/models), as an
+    absolute path to the config file."""
+    p = Path(spec)
+    if not p.exists():
+        shipped = config_dir() / "models" / f"{spec}.json"
+        if not shipped.exists():
+            names = ", ".join(sorted(x.stem for x in (config_dir() / "models").glob("*.json")))
+            raise ConfigError(f"no model config file or shipped model named {spec!r} (shipped: {names})")
+        p = shipped
+    if p.is_dir():
+        p = p / "config.json"
+    return p.resolve()
+
+
+def model_geometry(spec: str) -> ModelGeometry:
+    """The geometry of :func:`model_config_path`'s config."""
+    return geometry_from_config(model_config_path(spec))
+
+
+def energy_source(samples: Iterable) -> str:
+    """The one source of a run of energy samples, ``mixed`` or ``unknown``."""
+    sources = {s.source for s in samples if s.source}
+    return sources.pop() if len(sources) == 1 else ("mixed" if sources else "unknown")

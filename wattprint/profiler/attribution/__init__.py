@@ -1,0 +1,1 @@
+"""Attribution: measured joules -> steps -> requests (offline and online drivers share every rule)."""

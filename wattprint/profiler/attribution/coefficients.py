@@ -1,0 +1,81 @@
+"""A device's energy model: coefficients, features and predictions per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wattprint.profiler.attribution.columns import StepColumns
+from wattprint.profiler.core.hardware import HardwareProfile
+
+COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",
+              "idle_power_w", "idle_decay_power_w")
+
+
+@dataclass
+class Coefficients:
+    """A device's fitted energy model (per device: FLOPs and bytes are the whole step's)."""
+
+    static_power_w: float
+    energy_per_flop_j: float
+    energy_per_flop_util_j: float
+    energy_per_byte_j: float
+    idle_power_w: float
+    idle_decay_power_w: float
+    tau_s: float
+    tdp_w: float
+    peak_flops: float  # per device
+    n_devices: int = 1
+
+    @property
+    def theta(self) -> np.ndarray:
+        return np.array([getattr(self, n) for n in COEF_NAMES])
+
+    def with_theta(self, theta: np.ndarray, tau_s: float | None = None) -> Coefficients:
+        kw = dict(zip(COEF_NAMES, map(float, theta)))
+        return Coefficients(**kw, tau_s=self.tau_s if tau_s is None else tau_s, tdp_w=self.tdp_w,
+                            peak_flops=self.peak_flops, n_devices=self.n_devices)
+
+    def utilisation(self, flops: np.ndarray, dt: np.ndarray) -> np.ndarray:
+        return np.clip(flops / (self.n_devices * np.maximum(dt, 1e-9) * self.peak_flops), 0.0, 1.0)
+
+    def step_features(self, cols: StepColumns) -> np.ndarray:
+        """[dt, F, F·u, B] per step."""
+        dt = cols.dt
+        u = self.utilisation(cols.step_flops, dt)
+        return np.column_stack([dt, cols.step_flops, cols.step_flops * u, cols.step_bytes])
+
+    def step_energy(self, cols: StepColumns, feats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted energy of each step on this device, and which steps hit the power cap."""
+        feats = self.step_features(cols) if feats is None else feats
+        raw = feats @ self.theta[:4]
+        cap = self.tdp_w * feats[:, 0]
+        capped = raw > cap
+        return np.where(capped, cap, raw), capped
+
+    def flop_energy_j(self, cols: StepColumns) -> np.ndarray:
+        """Effective energy per FLOP in each step (utilisation-dependent)."""
+        u = self.utilisation(cols.step_flops, cols.dt)
+        return np.maximum(self.energy_per_flop_j + self.energy_per_flop_util_j * u, 0.0)
+
+    def as_dict(self) -> dict:
+        d = {n: getattr(self, n) for n in COEF_NAMES}
+        d["idle_decay_tau_s"] = self.tau_s
+        return d
+
+
+def prior_coefficients(hw: HardwareProfile, n_devices: int) -> Coefficients:
+    """The hardware profile as a starting point (per device: a device sees 1/n of the step's work)."""
+    return Coefficients(
+        static_power_w=hw.static_power_w,
+        energy_per_flop_j=hw.energy_per_flop_j / n_devices,
+        energy_per_flop_util_j=0.0,
+        energy_per_byte_j=hw.energy_per_byte_j / n_devices,
+        idle_power_w=hw.idle_power_w,
+        idle_decay_power_w=max(hw.static_power_w - hw.idle_power_w, 0.0),
+        tau_s=2.0,
+        tdp_w=hw.tdp_w,
+        peak_flops=hw.peak_flops,
+        n_devices=n_devices,
+    )

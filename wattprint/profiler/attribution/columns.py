@@ -1,0 +1,86 @@
+"""A run of steps as arrays: one row per step, one per request-step entry, with the cost model's
+per-entry and per-step quantities (v1 cost model, :mod:`wattprint.profiler.core.costmodel`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import numpy as np
+
+from wattprint.profiler.core import costmodel as cm
+from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.records import EntryArrays, StepRecord, entry_arrays
+
+
+@dataclass
+class StepColumns:
+    """A run of steps as arrays (one row per step, one per request-step entry)."""
+
+    t_start: np.ndarray
+    t_end: np.ndarray
+    offsets: np.ndarray  # entries of step i are offsets[i]:offsets[i+1]
+    req: np.ndarray  # entry -> request slot
+    prefill: np.ndarray
+    decode: np.ndarray
+    context: np.ndarray
+    ids: list[str]  # slot -> request id
+    # per-entry cost-model quantities
+    flops: np.ndarray = field(init=False)
+    kv_read: np.ndarray = field(init=False)
+    kv_write: np.ndarray = field(init=False)
+    step_of: np.ndarray = field(init=False)
+    # per-step features
+    step_flops: np.ndarray = field(init=False)
+    step_bytes: np.ndarray = field(init=False)
+    step_tokens: np.ndarray = field(init=False)
+
+    def derive(self, g: ModelGeometry) -> StepColumns:
+        n_steps = len(self.t_start)
+        counts = np.diff(self.offsets)
+        self.step_of = np.repeat(np.arange(n_steps), counts)
+        new = (self.prefill + self.decode).astype(float)
+        ctx = self.context.astype(float)
+        self.flops = cm.request_flops(g, new, ctx)
+        self.kv_read = cm.kv_read_bytes(g, ctx).astype(float)
+        self.kv_write = cm.kv_write_bytes(g, new).astype(float)
+        self.step_flops = np.bincount(self.step_of, self.flops, minlength=n_steps)
+        kv = np.bincount(self.step_of, self.kv_read + self.kv_write, minlength=n_steps)
+        self.step_bytes = kv + float(g.weight_bytes)
+        self.step_tokens = np.bincount(self.step_of, new, minlength=n_steps)
+        return self
+
+    @property
+    def dt(self) -> np.ndarray:
+        return np.maximum(self.t_end - self.t_start, 1e-9)
+
+
+def columns_from_steps(steps: Sequence[StepRecord], g: ModelGeometry,
+                       slots: dict[str, int] | None = None, ids: list[str] | None = None,
+                       entries: EntryArrays | None = None) -> StepColumns:
+    """Turn step records into :class:`StepColumns`; ``slots``/``ids`` intern request ids (shared
+    across calls). ``entries``: the columns already extracted by :func:`records.load_steps`."""
+    slots = {} if slots is None else slots
+    ids = [] if ids is None else ids
+    e = entries if entries is not None else entry_arrays(list(steps))
+    if not slots:  # a fresh table: adopt the entries' own interning
+        slots.update(zip(e.slot_ids, range(len(e.slot_ids))))
+        ids.extend(e.slot_ids)
+        req = e.slot
+    else:  # running table (online): map the entries' slots onto it
+        for rid in e.slot_ids:
+            if rid not in slots:
+                slots[rid] = len(ids)
+                ids.append(rid)
+        req = np.fromiter(map(slots.__getitem__, e.slot_ids), np.int64, len(e.slot_ids))[e.slot]
+    n = len(steps)
+    cols = StepColumns(
+        t_start=np.fromiter(map(_T0, steps), float, n),
+        t_end=np.fromiter(map(_T1, steps), float, n),
+        offsets=e.offsets, req=req, prefill=e.prefill, decode=e.decode, context=e.context, ids=ids,
+    )
+    return cols.derive(g)
+
+
+_T0, _T1 = attrgetter("t_start"), attrgetter("t_end")

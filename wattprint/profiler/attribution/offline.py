@@ -1,0 +1,99 @@
+"""Offline attribution of a whole trace: one global fit per device, vectorised over the trace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from wattprint.errors import InputError
+from wattprint.profiler.attribution.coefficients import prior_coefficients
+from wattprint.profiler.attribution.columns import columns_from_steps
+from wattprint.profiler.attribution.fit import fit_device
+from wattprint.profiler.attribution.settle import block_edges, settle_device
+from wattprint.profiler.attribution.split import split_steps
+from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
+from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.hardware import HardwareProfile
+from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, entry_arrays
+from wattprint.profiler.core.results import RequestResult, Totals
+from wattprint.profiler.timeline.counter import change_points
+
+
+@dataclass
+class Attribution:
+    requests: list[RequestResult]
+    totals: Totals
+    step_energy_j: np.ndarray  # per step, summed over devices
+    fit: list[dict]
+
+
+def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    dev = np.fromiter((s.device for s in samples), np.int64, len(samples))
+    t = np.fromiter((s.t for s in samples), float, len(samples))
+    e = np.fromiter((s.energy_j for s in samples), float, len(samples))
+    out = {}
+    for d in np.unique(dev):
+        m = dev == d
+        out[int(d)] = (t[m], e[m])
+    return out
+
+
+def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergySample], g: ModelGeometry,
+              hw: HardwareProfile, *, source: str = "unknown", window_s: float = 2.0,
+              model_name: str | None = None, energy_path: str = "energy.jsonl") -> Attribution:
+    """Offline attribution of a whole trace (one global fit per device)."""
+    entries = None
+    if isinstance(steps, StepTrace):
+        steps, entries = steps.steps, steps.entries
+    if not steps:
+        raise InputError("no steps to attribute")
+    table = RequestTable()
+    if entries is None:
+        entries = entry_arrays(list(steps))
+    cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
+    table.ensure(len(table.ids))
+    _request_metadata(entries, table)
+    devices = _energy_by_device(samples)
+    n_dev = len(devices)
+    t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
+    step_energy = np.zeros(len(cols.t_start))
+    idle_j = measured_j = 0.0
+    e_flop_step = np.zeros(len(cols.t_start))
+    e_byte = 0.0
+    fits, dev_measured, window = [], [], [math.inf, -math.inf]
+    coefs = []
+    for d, (t, e) in sorted(devices.items()):
+        b_t, b_e, resets = change_points(t, e)
+        if len(b_t) < 2 or b_t[0] > t_first or b_t[-1] < t_last:
+            have = f"[{b_t[0]:.3f}, {b_t[-1]:.3f}] s" if len(b_t) else "no counter change at all"
+            raise InputError(
+                f"energy of device {d} does not cover the steps: counter changes span {have}, "
+                f"steps span [{t_first:.3f}, {t_last:.3f}] s", energy_path)
+        origin = float(b_t[0])
+        coef, info = fit_device(cols, prior_coefficients(hw, n_dev), b_t, b_e, origin)
+        info.update(device=d, counter_resets=resets, **coef.as_dict())
+        fits.append(info)
+        coefs.append(coef)
+        edges = block_edges(b_t, window_s)
+        energy, idle = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -_FAR_PAST_S)
+        step_energy += energy
+        idle_j += float(idle.sum())
+        m = float(b_e[-1] - b_e[0])
+        measured_j += m
+        dev_measured.append(m)
+        e_flop_step += coef.flop_energy_j(cols)
+        e_byte += coef.energy_per_byte_j
+        window = [min(window[0], origin), max(window[1], float(b_t[-1]))]
+    split = split_steps(cols, g, step_energy, e_flop_step, e_byte)
+    table.add(cols, split)
+    results = [table.result(k, source, model_name) for k in range(len(table.ids))]
+    totals = Totals(
+        measured_j=measured_j, attributed_j=0.0, idle_j=idle_j, source=source,
+        t_start=window[0], t_end=window[1], requests=len(results), steps=len(cols.t_start),
+        device_measured_j=dev_measured, coefficients=fits[0] if len(fits) == 1 else {"devices": fits},
+    )
+    add_breakdowns(totals, cols, split, table)
+    return Attribution(results, totals, step_energy, fits)

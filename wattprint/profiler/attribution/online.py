@@ -1,0 +1,242 @@
+"""Online attribution: the same fit/settle/split rules as offline, fed as data arrives, bounded memory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wattprint.errors import InputError
+from wattprint.profiler.attribution.coefficients import prior_coefficients
+from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
+from wattprint.profiler.attribution.devices import OnlineDevice
+from wattprint.profiler.attribution.features import FAR_PAST_S
+from wattprint.profiler.attribution.settle import settle_device
+from wattprint.profiler.attribution.split import split_steps
+from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
+from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.hardware import HardwareProfile
+from wattprint.profiler.core.records import StepRecord
+from wattprint.profiler.core.results import RequestResult, Totals
+from wattprint.profiler.meters.base import Reading
+
+
+class OnlineAttributor:
+    """Streaming attribution with bounded memory: the fit/settle/split core of :func:`attribute`.
+
+    Feed steps (in order) with :meth:`add_step` and meter readings with :meth:`add_reading`; call
+    :meth:`advance` periodically. Blocks end at device 0's counter changes, at least ``window_s``
+    apart (other devices' counters are interpolated there). A block is settled once every device's
+    counter has changed past its end and every step that began before its end has arrived (or
+    ``grace_s`` passed with none). Settling gives the block's measured joules to steps and idle and
+    splits the steps' joules between requests; a finished request is final when its last step is
+    settled, and is then emitted and forgotten.
+    """
+
+    def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
+                 model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
+                 grace_s: float = 1.0, stale_after_s: float = 300.0):
+        self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
+        self.model = model_name or geometry.name
+        self.window_s, self.grace_s = window_s, grace_s
+        self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
+        self.half_life_s = fit_half_life_s
+        self._steps: list[StepRecord] = []
+        self._last_step: StepRecord | None = None
+        self._received_until = -math.inf
+        self._max_step_s = 0.0
+        self._settled_until: float | None = None
+        self._prev_end = -_FAR_PAST_S  # end of the last step wholly settled
+        self.table = RequestTable()
+        self._emitted: set[int] = set()
+        self._dev = [_DeviceState(prior_coefficients(profile, n_devices)) for _ in range(n_devices)]
+        self._pending_results: list[RequestResult] = []
+        self._totals = Totals(0.0, 0.0, 0.0, source, device_measured_j=[0.0] * n_devices)
+        self.late_steps = 0
+        self._flushing = False
+
+    # ---- input
+    def add_step(self, step: StepRecord) -> None:
+        """Add one step (in order). Raises :class:`InputError` for out-of-order or malformed steps."""
+        last = self._last_step
+        if last is not None and (step.step <= last.step or step.t_start < last.t_end - 1e-6):
+            raise InputError(f"step {step.step} arrived out of order (after step {last.step})")
+        if not step.t_end >= step.t_start:
+            raise InputError(f"step {step.step} ends before it starts")
+        if self._settled_until is not None and step.t_end <= self._settled_until:
+            self.late_steps += 1  # its time was already settled (as idle)
+            return
+        self._steps.append(step)
+        self._last_step = step
+        self._received_until = step.t_end
+        self._max_step_s = max(self._max_step_s, step.t_end - step.t_start)
+        t = self.table
+        for r in step.requests:
+            k = t.slots.get(r.id)
+            if k is None:
+                k = t.slots[r.id] = len(t.ids)
+                t.ids.append(r.id)
+                t.ensure(len(t.ids))
+            if r.stratum is not None and t.stratum.get(k) is None:
+                t.stratum[k] = r.stratum
+            if r.prompt_tokens:
+                t.col("prompt_tokens")[k] = max(t.col("prompt_tokens")[k], r.prompt_tokens)
+            if r.finished:
+                t.finished.add(k)
+
+    def add_reading(self, reading: Reading) -> None:
+        """Add one meter poll (cumulative joules per device)."""
+        for d, e in enumerate(reading.energy_j[: self.n_dev]):
+            self._dev[d].observe(reading.t_s, float(e))
+
+    # ---- output
+    def advance(self, now_s: float) -> list[RequestResult]:
+        """Settle every complete block; return the finished requests that became final."""
+        while self._settle_next(now_s):
+            pass
+        out, self._pending_results = self._pending_results, []
+        return out
+
+    def totals(self) -> Totals:
+        """Cumulative totals at the last settled instant (``attributed_j + idle_j == measured_j``)."""
+        import msgspec
+
+        return msgspec.convert(msgspec.to_builtins(self._totals), Totals)
+
+    def lag_s(self, now_s: float) -> float:
+        """How far settlement trails ``now_s`` (seconds)."""
+        return now_s - self._settled_until if self._settled_until is not None else 0.0
+
+    @property
+    def coefficients(self) -> dict:
+        return self._dev[0].coef.as_dict()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.table.ids) - len(self._emitted)
+
+    def provisional(self, request_id: str) -> RequestResult | None:
+        """A request not yet final, as far as it is settled (status ``provisional``)."""
+        k = self.table.slots.get(request_id)
+        if k is None or k in self._emitted:
+            return None
+        return self.table.result(k, self.source, self.model, status="provisional")
+
+    def finish(self) -> list[RequestResult]:
+        """Shut down: settle what the counters cover (a last block may be short), then report every
+        request still held (``provisional`` if its steps reach past the last counter change)."""
+        out = self.advance(math.inf)
+        self._flushing = True
+        try:
+            out += self.advance(math.inf)
+        finally:
+            self._flushing = False
+        unsettled = {self.table.slots[r.id] for s in self._steps for r in s.requests}
+        for k in range(len(self.table.ids)):
+            if k not in self._emitted:
+                final = k in self.table.finished and k not in unsettled
+                out.append(self.table.result(k, self.source, self.model, status="final" if final else "provisional"))
+                self._emitted.add(k)
+        return out
+
+    # ---- internals
+    def _block_edges(self, now_s: float) -> tuple[float, float] | None:
+        d0 = self._dev[0]
+        if self._settled_until is None:  # the first block starts where every counter is known
+            if any(len(d.b_t) < 2 for d in self._dev):
+                return None
+            first = max(d.b_t[0] for d in self._dev)
+            starts = [b for b in d0.b_t if b >= first]
+            if not starts:
+                return None
+            start = starts[0]
+        else:
+            start = self._settled_until
+        end = next((b for b in d0.b_t if b >= start + self.window_s), None)
+        if end is None and self._flushing and d0.b_t and d0.b_t[-1] > start:
+            end = d0.b_t[-1]  # shutting down: a last, shorter block
+        if end is None or any(not d.b_t or d.b_t[-1] < end for d in self._dev[1:]):
+            return None
+        grace = max(self.grace_s, 2.0 * self._max_step_s)
+        if self._received_until < end and now_s - end < grace:
+            return None  # a step may still be running across the block's end
+        return start, end
+
+    def _settle_next(self, now_s: float) -> bool:
+        edges = self._block_edges(now_s)
+        if edges is None:
+            return False
+        start, end = edges
+        steps = [s for s in self._steps if s.t_start < end]
+        cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None
+        self.table.ensure(len(self.table.ids))
+        step_energy = np.zeros(len(steps))
+        e_flop = np.zeros(len(steps))
+        e_byte = 0.0
+        tot = self._totals
+        for d, dev in enumerate(self._dev):
+            e0, e1 = dev.energy_at(start), dev.energy_at(end)
+            measured = e1 - e0
+            if cols is not None:
+                b_t, b_e = dev.boundaries_between(start, end)
+                dev.update_fit(cols, b_t, b_e, start, self._prev_end, self.half_life_s)
+                energy, idle = settle_device(cols, dev.coef, np.array([start, end]), np.array([e0, e1]),
+                                             start, self._prev_end)
+                step_energy += energy
+                e_flop += dev.coef.flop_energy_j(cols)
+                e_byte += dev.coef.energy_per_byte_j
+                tot.idle_j += float(idle.sum())
+            else:
+                tot.idle_j += measured
+            tot.device_measured_j[d] += measured
+            tot.measured_j += measured
+            dev.forget_before(end)
+        if tot.t_start is None:
+            tot.t_start = start
+        tot.t_end = end
+        self._settled_until = end
+        if cols is not None:
+            self._account(cols, step_energy, e_flop, e_byte, end)
+        tot.coefficients = self.coefficients
+        return True
+
+    def _account(self, cols: StepColumns, step_energy: np.ndarray, e_flop: np.ndarray, e_byte: float,
+                 end: float) -> None:
+        split = split_steps(cols, self.g, step_energy, e_flop, e_byte)
+        done = cols.t_end <= end  # steps wholly settled: their tokens, bytes and FLOPs count now
+        count = done[cols.step_of]
+        self.table.add(cols, split, count_tokens=count)
+        tot = self._totals
+        add_breakdowns(tot, cols, split, self.table, count)
+        tot.steps += int(done.sum())
+        if done.any():
+            self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
+        self._steps = [s for s in self._steps if s.t_end > end]
+        live = {self.table.slots[r.id] for s in self._steps for r in s.requests}
+        done_ids = self.table.finished - live - self._emitted
+        t_last = self.table.col("t_end")
+        stale = {k for k in range(len(self.table.ids)) if k not in live and k not in self._emitted
+                 and t_last[k] < end - self.stale_after_s}
+        for k in sorted(done_ids | stale):
+            self._pending_results.append(self.table.result(k, self.source, self.model))
+            self._emitted.add(k)
+            tot.requests += 1
+        if len(self._emitted) > 256 and len(self._emitted) * 2 > len(self.table.ids):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Forget emitted requests (bounded memory)."""
+        old = self.table
+        keep = [k for k in range(len(old.ids)) if k not in self._emitted]
+        new = RequestTable()
+        new.ensure(len(keep))
+        for j, k in enumerate(keep):
+            new.ids.append(old.ids[k])
+            new.slots[old.ids[k]] = j
+            new.data[:, j] = old.data[:, k]
+            if k in old.stratum:
+                new.stratum[j] = old.stratum[k]
+            if k in old.finished:
+                new.finished.add(j)
+        self.table = new
+        self._emitted = set()

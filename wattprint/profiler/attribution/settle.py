@@ -1,0 +1,63 @@
+"""Settlement: each block's measured joules go to its steps and gaps in proportion to the model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wattprint.profiler.attribution.coefficients import Coefficients
+from wattprint.profiler.attribution.columns import StepColumns
+from wattprint.profiler.attribution.features import cumulative
+
+
+def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
+    """Indices into the boundaries that start a new block of at least ``window_s`` seconds."""
+    if len(b_t) < 2:
+        return np.array([0], dtype=np.int64)
+    edges = [0]
+    last = b_t[0]
+    for i in range(1, len(b_t)):
+        if b_t[i] - last >= window_s:
+            edges.append(i)
+            last = b_t[i]
+    if edges[-1] != len(b_t) - 1:
+        if len(edges) > 1:
+            edges[-1] = len(b_t) - 1  # fold a short tail into the last block
+        else:
+            edges.append(len(b_t) - 1)
+    return np.asarray(edges, dtype=np.int64)
+
+
+def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: np.ndarray,
+                  origin: float, prev_end: float) -> tuple[np.ndarray, np.ndarray]:
+    """Give each block's measured energy (between block edges ``e_t`` with counter values ``e_j``)
+    to the steps and gaps in it, in proportion to the model's prediction.
+
+    Returns (energy of each step's part inside [e_t[0], e_t[-1]], idle joules per block).
+    """
+    pred, _ = coef.step_energy(cols)
+    cv, ci, cd = cumulative(e_t, cols.t_start, cols.t_end, pred[:, None], coef.tau_s, origin, prev_end)
+    step_pred = np.diff(cv[:, 0])
+    gap_pred = coef.idle_power_w * np.diff(ci) + coef.idle_decay_power_w * np.diff(cd)
+    measured = np.diff(e_j)
+    total_pred = step_pred + gap_pred
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(total_pred > 0, measured / total_pred, 0.0)
+    idle = np.where(total_pred > 0, scale * gap_pred, measured)  # nothing predicted: all idle
+    # each step's prediction, weighted by the scale of the block(s) it falls in
+    nb = len(e_t) - 1
+    js = np.clip(np.searchsorted(e_t, cols.t_start, side="right") - 1, 0, nb - 1)
+    je = np.clip(np.searchsorted(e_t, cols.t_end, side="left") - 1, 0, nb - 1)
+    dt = np.maximum(cols.t_end - cols.t_start, 1e-12)
+    # part of the step inside the settled span [e_t[0], e_t[-1]]
+    inside = np.clip(np.minimum(cols.t_end, e_t[-1]) - np.maximum(cols.t_start, e_t[0]), 0.0, None) / dt
+    inside = np.where(cols.t_end - cols.t_start > 0, inside,
+                      ((cols.t_start >= e_t[0]) & (cols.t_start < e_t[-1])).astype(float))
+    energy = pred * scale[js] * inside
+    for i in np.flatnonzero(js != je):  # straddles block edges: weigh each part by its block
+        parts = 0.0
+        for j in range(js[i], je[i] + 1):
+            lo, hi = max(cols.t_start[i], e_t[j]), min(cols.t_end[i], e_t[j + 1])
+            if hi > lo:
+                parts += (hi - lo) / dt[i] * scale[j]
+        energy[i] = pred[i] * parts
+    return energy, idle

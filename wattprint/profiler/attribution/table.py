@@ -1,0 +1,150 @@
+"""Running per-request sums and the totals' breakdowns, shared by the offline and online drivers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wattprint.profiler.attribution.columns import StepColumns
+from wattprint.profiler.attribution.split import EntrySplit
+from wattprint.profiler.core.records import EntryArrays
+from wattprint.profiler.core.results import RequestResult, Totals
+
+
+class RequestTable:
+    """Running per-request sums, in slots (arrays grow as requests appear)."""
+
+    FIELDS = ("energy_j", "prefill_j", "decode_j", "kv_j", "kv_read_bytes", "kv_write_bytes", "flops",
+              "prefill_tokens", "decode_tokens", "t_start", "t_end", "prompt_tokens")
+
+    def __init__(self):
+        self.ids: list[str] = []
+        self.slots: dict[str, int] = {}
+        self.data = np.zeros((len(self.FIELDS), 0))
+        self.stratum: dict[int, str | None] = {}
+        self.finished: set[int] = set()
+        self._col = {f: i for i, f in enumerate(self.FIELDS)}
+
+    def ensure(self, n: int) -> None:
+        if self.data.shape[1] < n:
+            grow = max(n, 2 * self.data.shape[1], 64)
+            new = np.zeros((len(self.FIELDS), grow))
+            new[self._col["t_start"]] = math.inf
+            new[self._col["t_end"]] = -math.inf
+            new[:, : self.data.shape[1]] = self.data
+            self.data = new
+
+    def col(self, name: str) -> np.ndarray:
+        return self.data[self._col[name]]
+
+    def add(self, cols: StepColumns, split: EntrySplit, frac_in: np.ndarray | None = None,
+            count_tokens: np.ndarray | None = None) -> None:
+        """Add entries' energy (already scaled) and, where ``count_tokens``, their tokens/bytes/FLOPs."""
+        n = len(self.ids)
+        self.ensure(n)
+        req = cols.req
+        bc = np.bincount
+        e_pre = np.where(split.is_prefill, split.energy, 0.0)
+        self.col("energy_j")[:n] += bc(req, split.energy, n)
+        self.col("prefill_j")[:n] += bc(req, e_pre, n)
+        self.col("decode_j")[:n] += bc(req, split.energy - e_pre, n)
+        self.col("kv_j")[:n] += bc(req, split.kv, n)
+        w = np.ones(len(req)) if count_tokens is None else count_tokens.astype(float)
+        if w.any():
+            self.col("kv_read_bytes")[:n] += bc(req, cols.kv_read * w, n)
+            self.col("kv_write_bytes")[:n] += bc(req, cols.kv_write * w, n)
+            self.col("flops")[:n] += bc(req, cols.flops * w, n)
+            self.col("prefill_tokens")[:n] += bc(req, cols.prefill * w, n)
+            self.col("decode_tokens")[:n] += bc(req, cols.decode * w, n)
+            # entries are in time order: a request's first entry starts it, its last ends it
+            # (fancy assignment keeps the last write, so write backwards for the first)
+            idx = np.flatnonzero(w > 0)
+            r_idx, so = req[idx], cols.step_of[idx]
+            ts = np.full(n, math.inf)
+            ts[r_idx[::-1]] = cols.t_start[so[::-1]]
+            te = np.full(n, -math.inf)
+            te[r_idx] = cols.t_end[so]
+            np.minimum(self.col("t_start")[:n], ts, out=self.col("t_start")[:n])
+            np.maximum(self.col("t_end")[:n], te, out=self.col("t_end")[:n])
+
+    def result(self, slot: int, source: str, model: str | None, status: str = "final") -> RequestResult:
+        d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
+        prefill_tokens = int(d["prefill_tokens"])
+        prompt = max(int(d["prompt_tokens"]), prefill_tokens)
+        done_prefill = prefill_tokens > 0 and prefill_tokens >= prompt
+        output = int(d["decode_tokens"]) + (1 if done_prefill else 0)
+        return RequestResult(
+            id=self.ids[slot], energy_j=d["energy_j"], prefill_j=d["prefill_j"], decode_j=d["decode_j"],
+            kv_j=d["kv_j"], kv_read_bytes=d["kv_read_bytes"], kv_write_bytes=d["kv_write_bytes"],
+            prompt_tokens=prompt, output_tokens=output, flops=d["flops"], stratum=self.stratum.get(slot),
+            source=source, t_start=d["t_start"] if math.isfinite(d["t_start"]) else None,
+            t_end=d["t_end"] if math.isfinite(d["t_end"]) else None, model=model, status=status,
+        )
+
+
+def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: RequestTable,
+                   count: np.ndarray | None = None) -> None:
+    """Add a run of settled entries to the totals: attributed/prefill/decode/KV joules, and the
+    per-phase, per-stratum breakdowns. ``count`` marks entries whose tokens and bytes count now."""
+    cnt = np.ones(len(cols.req), dtype=bool) if count is None else count
+    attributed = float(split.energy.sum())
+    pre = float(split.energy[split.is_prefill].sum())
+    tot.attributed_j += attributed
+    tot.prefill_j += pre
+    tot.decode_j += attributed - pre
+    tot.kv_j += float(split.kv.sum())
+    tot.kv_read_bytes += float(cols.kv_read[cnt].sum())
+    tot.kv_write_bytes += float(cols.kv_write[cnt].sum())
+    # per stratum: index requests by stratum, then bincount entries (vectorised)
+    names = sorted({v or "" for v in table.stratum.values()} | {""})
+    code = {n: i for i, n in enumerate(names)}
+    req_code = np.zeros(max(len(table.ids), 1), dtype=np.int64)
+    for k, v in table.stratum.items():
+        req_code[k] = code[v or ""]
+    ec = req_code[cols.req]
+    m = len(names)
+    kv = np.bincount(ec, split.kv, m)
+    by = {ph: np.bincount(ec, np.where(mask, split.energy, 0.0), m)
+          for ph, mask in (("prefill", split.is_prefill), ("decode", ~split.is_prefill))}
+    tok = {ph: np.bincount(ec, np.where(cnt, t, 0).astype(float), m)
+           for ph, t in (("prefill", cols.prefill), ("decode", cols.decode))}
+    for i, name in enumerate(names):
+        if kv[i]:
+            tot.kv_j_by_stratum[name] = tot.kv_j_by_stratum.get(name, 0.0) + float(kv[i])
+        for ph in ("prefill", "decode"):
+            if by[ph][i]:
+                d = tot.energy_j_by_phase_stratum.setdefault(ph, {})
+                d[name] = d.get(name, 0.0) + float(by[ph][i])
+            if tok[ph][i]:
+                d = tot.tokens_by_phase_stratum.setdefault(ph, {})
+                d[name] = d.get(name, 0.0) + float(tok[ph][i])
+
+
+# ------------------------------------------------------------------------------------------ offline
+def _request_metadata(entries: EntryArrays, table: RequestTable) -> None:
+    """Stratum and prompt length of each request, from its first entry (the vLLM hook repeats them on
+    every entry; files may give them once). Only requests whose first entry names no stratum are
+    looked up further, in their later entries. Per-request work, not per-entry."""
+    reqs, slot = entries.reqs, entries.slot
+    n = len(entries.slot_ids)
+    first = np.empty(n, dtype=np.int64)
+    first[slot[::-1]] = np.arange(len(slot) - 1, -1, -1)  # the last write wins: each slot's first entry
+    prompt_col = table.col("prompt_tokens")
+    missing = np.zeros(n, dtype=bool)
+    for k, i in enumerate(first.tolist()):
+        r = reqs[i]
+        if r.stratum is not None:
+            table.stratum[k] = r.stratum
+        else:
+            missing[k] = True
+        if r.prompt_tokens:
+            prompt_col[k] = r.prompt_tokens
+    if missing.any():
+        for i in np.flatnonzero(missing[slot]).tolist():
+            r = reqs[i]
+            k = int(slot[i])
+            if r.stratum is not None and table.stratum.get(k) is None:
+                table.stratum[k] = r.stratum
+            if r.prompt_tokens:
+                prompt_col[k] = max(prompt_col[k], r.prompt_tokens)

@@ -1,0 +1,1 @@
+"""Calibration: plans, runs, analysis and fit of a GPU's energy coefficients."""

@@ -1,0 +1,1 @@
+"""Core data and pure functions: records, results, the cost model, hardware profiles, strata, efficiency."""

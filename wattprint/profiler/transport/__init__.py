@@ -1,0 +1,1 @@
+"""The wire between the engine hook and the sidecar: messages, sender, receiver."""

@@ -1,0 +1,1 @@
+"""The simulated GPU twin: power and counter model, trace simulator, tiny random model."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from wattprint.configs import config_dir
-from wattprint.profiler.attribution.legacy import attribute
+from wattprint.profiler.attribution.offline import attribute
 from wattprint.profiler.core.costmodel import geometry_from_config
 from wattprint.profiler.core.hardware import load_profile
 from wattprint.profiler.twin.simulate import WorkloadSpec, simulate

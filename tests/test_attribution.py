@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from wattprint.profiler.attribution.legacy import OnlineAttributor, attribute, change_points
-from wattprint.profiler.meters.base import Reading
+from wattprint.profiler.attribution.offline import attribute
+from wattprint.profiler.attribution.online import OnlineAttributor
 from wattprint.profiler.core.records import RequestEntry, StepRecord
+from wattprint.profiler.meters.base import Reading
+from wattprint.profiler.timeline.counter import change_points
 from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
 CASES = [  # (seed, requests, rate, devices)

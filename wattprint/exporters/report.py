@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from wattprint.profiler.meters.base import is_measured
 from wattprint.profiler.core.results import RequestResult, Totals
+from wattprint.profiler.meters.base import is_measured
 
 
 def source_note(source: str) -> str:

@@ -47,12 +47,13 @@ class Coefficients:
         return np.column_stack([dt, cols.step_flops, cols.step_flops * u, cols.step_bytes])
 
     def step_energy(self, cols: StepColumns, feats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted energy of each step on this device, and which steps hit the power cap."""
+        """Predicted energy of each step on this device (never below 0, at most ``tdp_w·dt``), and
+        which steps hit the power cap."""
         feats = self.step_features(cols) if feats is None else feats
         raw = feats @ self.theta[:4]
         cap = self.tdp_w * feats[:, 0]
         capped = raw > cap
-        return np.where(capped, cap, raw), capped
+        return np.clip(raw, 0.0, cap), capped
 
     def flop_energy_j(self, cols: StepColumns) -> np.ndarray:
         """Effective energy per FLOP in each step (utilisation-dependent)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from wattprint.profiler.attribution.coefficients import Coefficients
@@ -12,28 +10,27 @@ from wattprint.profiler.attribution.fit import NormalEquations, interval_design,
 from wattprint.profiler.timeline.counter import CounterTrack
 
 
-@dataclass
-class _DeviceState:
-    """One device's counter change points, running fit and stitching offset (online)."""
+class OnlineDevice:
+    """One device's counter change points (the timeline's counter rule), running fit (online)."""
 
-    coef: Coefficients
-    b_t: list = field(default_factory=list)
-    b_e: list = field(default_factory=list)
-    _last_t: float | None = None
-    _last_raw: float | None = None
-    _offset: float = 0.0
-    resets: int = 0
-    ne: NormalEquations = field(default_factory=NormalEquations)
-    _prior: np.ndarray | None = None
+    def __init__(self, coef: Coefficients, publish: str = "midpoint", fit: bool = True):
+        self.coef = coef
+        self.fit = fit
+        self.track = CounterTrack(publish)
+        self.b_t: list[float] = []  # estimated publish times of the counter's changes
+        self.b_e: list[float] = []  # stitched cumulative joules there
+        self.ne = NormalEquations()
+        self._prior = coef.theta
+
+    @property
+    def resets(self) -> int:
+        return self.track.resets
 
     def observe(self, t: float, raw_e: float) -> None:
-        if self._last_raw is not None and raw_e < self._last_raw:  # counter reset: stitch
-            self._offset += self._last_raw
-            self.resets += 1
-        if self._last_raw is not None and raw_e != self._last_raw:
-            self.b_t.append(0.5 * (self._last_t + t))
-            self.b_e.append(raw_e + self._offset)
-        self._last_t, self._last_raw = t, raw_e
+        cp = self.track.feed(t, raw_e)
+        if cp is not None:
+            self.b_t.append(cp.t_pub_s)
+            self.b_e.append(cp.energy_j)
 
     def energy_at(self, t: float) -> float:
         """Cumulative energy at ``t``, interpolated between change points."""
@@ -54,12 +51,10 @@ class _DeviceState:
 
     def update_fit(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, origin: float,
                    prev_end: float, half_life_s: float) -> None:
-        if self._prior is None:
-            self._prior = self.coef.theta
-        if len(b_t) < 3:
+        if not self.fit or len(b_t) < 3:
             return
         _, capped = self.coef.step_energy(cols)
         X, y = interval_design(cols, self.coef, b_t, b_e, origin, prev_end, capped)
         self.ne.add(X, y, 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s))
         if self.ne.n >= 20:
-            self.coef = self.coef.with_theta(_solve(self.ne, self._prior))
+            self.coef = self.coef.with_theta(solve(self.ne, self._prior))

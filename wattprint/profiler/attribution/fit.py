@@ -12,6 +12,7 @@ from wattprint.profiler.attribution.features import FAR_PAST_S, cumulative
 
 TAU_GRID_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 FIT_LAG = 10  # counter intervals per regression window
+_F, _FU = COEF_NAMES.index("energy_per_flop_j"), COEF_NAMES.index("energy_per_flop_util_j")
 
 
 @dataclass
@@ -30,13 +31,15 @@ class NormalEquations:
         self.n = decay * self.n + len(y)
 
 
-def _solve(ne: NormalEquations, prior: np.ndarray, strength: float = 1e-3) -> np.ndarray:
-    """Ridge toward the prior, with every coefficient but the utilisation slope kept >= 0."""
+def solve(ne: NormalEquations, prior: np.ndarray, strength: float = 1e-3) -> np.ndarray:
+    """Ridge toward the prior under physical constraints (an active set): every coefficient >= 0 but
+    the utilisation slope, which may be negative only as far as ``e_f + e_fu·u >= 0`` for every
+    utilisation ``u`` in [0, 1]."""
     diag = np.diag(ne.xtx).copy()
     lam = strength * np.maximum(diag, 1e-30) + 1e-30
     free = np.ones(6, dtype=bool)
     theta = prior.copy()
-    for _ in range(6):
+    for _ in range(8):
         idx = np.flatnonzero(free)
         A = ne.xtx[np.ix_(idx, idx)] + np.diag(lam[idx])
         fixed = ~free
@@ -46,12 +49,18 @@ def _solve(ne: NormalEquations, prior: np.ndarray, strength: float = 1e-3) -> np
         except np.linalg.LinAlgError:
             sol = np.linalg.lstsq(A, b, rcond=None)[0]
         theta[idx] = sol
-        neg = [j for j in idx if theta[j] < 0 and COEF_NAMES[j] != "energy_per_flop_util_j"]
+        neg = [j for j in idx if theta[j] < 0 and j != _FU]
+        if free[_FU] and theta[_F] + theta[_FU] < 0 and not (free[_F] and theta[_F] < 0):
+            theta[_FU] = -max(theta[_F], 0.0)  # the slope may at most cancel e_f at full utilisation
+            free[_FU] = False
+            continue
         if not neg:
             break
         for j in neg:
             theta[j] = 0.0
             free[j] = False
+    if theta[_F] + theta[_FU] < 0:  # e_f was clamped after the slope was fixed
+        theta[_FU] = -theta[_F]
     return theta
 
 
@@ -80,7 +89,7 @@ def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e:
 
 
 def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.ndarray,
-               origin: float, prev_end: float = -_FAR_PAST_S) -> tuple[Coefficients, dict]:
+               origin: float, prev_end: float = -FAR_PAST_S) -> tuple[Coefficients, dict]:
     """Fit one device's coefficients to its counter intervals (global, offline)."""
     best = None
     for tau in TAU_GRID_S:
@@ -91,7 +100,7 @@ def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.
             X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped)
             ne = NormalEquations()
             ne.add(X, y)
-            theta = _solve(ne, prior)
+            theta = solve(ne, prior)
             coef = coef.with_theta(theta, tau)
             _, new_capped = coef.step_energy(cols)
             if capped is not None and np.array_equal(new_capped, capped):

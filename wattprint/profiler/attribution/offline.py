@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from wattprint.errors import InputError
-from wattprint.profiler.attribution.coefficients import prior_coefficients
+from wattprint.profiler.attribution.coefficients import Coefficients, prior_coefficients
 from wattprint.profiler.attribution.columns import columns_from_steps
+from wattprint.profiler.attribution.features import FAR_PAST_S
 from wattprint.profiler.attribution.fit import fit_device
 from wattprint.profiler.attribution.settle import block_edges, settle_device
 from wattprint.profiler.attribution.split import split_steps
@@ -19,7 +20,7 @@ from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, entry_arrays
 from wattprint.profiler.core.results import RequestResult, Totals
-from wattprint.profiler.timeline.counter import change_points
+from wattprint.profiler.timeline.counter import change_points, publish_mode
 
 
 @dataclass
@@ -43,8 +44,12 @@ def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.nda
 
 def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergySample], g: ModelGeometry,
               hw: HardwareProfile, *, source: str = "unknown", window_s: float = 2.0,
-              model_name: str | None = None, energy_path: str = "energy.jsonl") -> Attribution:
-    """Offline attribution of a whole trace (one global fit per device)."""
+              model_name: str | None = None, energy_path: str = "energy.jsonl",
+              coefficients: Sequence[Coefficients] | None = None) -> Attribution:
+    """Offline attribution of a whole trace (one global fit per device).
+
+    ``coefficients``: one per device, used as they are instead of fitting (to compare drivers).
+    """
     entries = None
     if isinstance(steps, StepTrace):
         steps, entries = steps.steps, steps.entries
@@ -55,7 +60,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         entries = entry_arrays(list(steps))
     cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
     table.ensure(len(table.ids))
-    _request_metadata(entries, table)
+    note_metadata(table, entries.reqs, entries.slot)
     devices = _energy_by_device(samples)
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
@@ -64,21 +69,22 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     e_flop_step = np.zeros(len(cols.t_start))
     e_byte = 0.0
     fits, dev_measured, window = [], [], [math.inf, -math.inf]
-    coefs = []
     for d, (t, e) in sorted(devices.items()):
-        b_t, b_e, resets = change_points(t, e)
+        b_t, b_e, resets = change_points(t, e, publish_mode(source))
         if len(b_t) < 2 or b_t[0] > t_first or b_t[-1] < t_last:
             have = f"[{b_t[0]:.3f}, {b_t[-1]:.3f}] s" if len(b_t) else "no counter change at all"
             raise InputError(
                 f"energy of device {d} does not cover the steps: counter changes span {have}, "
                 f"steps span [{t_first:.3f}, {t_last:.3f}] s", energy_path)
         origin = float(b_t[0])
-        coef, info = fit_device(cols, prior_coefficients(hw, n_dev), b_t, b_e, origin)
+        if coefficients is None:
+            coef, info = fit_device(cols, prior_coefficients(hw, n_dev), b_t, b_e, origin)
+        else:
+            coef, info = coefficients[len(fits)], {"fixed": True}
         info.update(device=d, counter_resets=resets, **coef.as_dict())
         fits.append(info)
-        coefs.append(coef)
         edges = block_edges(b_t, window_s)
-        energy, idle = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -_FAR_PAST_S)
+        energy, idle = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
         step_energy += energy
         idle_j += float(idle.sum())
         m = float(b_e[-1] - b_e[0])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from wattprint.errors import InputError
-from wattprint.profiler.attribution.coefficients import prior_coefficients
+from wattprint.profiler.attribution.coefficients import Coefficients, prior_coefficients
 from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
 from wattprint.profiler.attribution.devices import OnlineDevice
 from wattprint.profiler.attribution.features import FAR_PAST_S
@@ -19,6 +20,7 @@ from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import StepRecord
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading
+from wattprint.profiler.timeline.counter import publish_mode
 
 
 class OnlineAttributor:
@@ -35,7 +37,8 @@ class OnlineAttributor:
 
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
                  model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
-                 grace_s: float = 1.0, stale_after_s: float = 300.0):
+                 grace_s: float = 1.0, stale_after_s: float = 300.0,
+                 coefficients: Sequence[Coefficients] | None = None):
         self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
         self.model = model_name or geometry.name
         self.window_s, self.grace_s = window_s, grace_s
@@ -46,10 +49,12 @@ class OnlineAttributor:
         self._received_until = -math.inf
         self._max_step_s = 0.0
         self._settled_until: float | None = None
-        self._prev_end = -_FAR_PAST_S  # end of the last step wholly settled
+        self._prev_end = -FAR_PAST_S  # end of the last step wholly settled
         self.table = RequestTable()
         self._emitted: set[int] = set()
-        self._dev = [_DeviceState(prior_coefficients(profile, n_devices)) for _ in range(n_devices)]
+        # coefficients: one per device, used as they are (no running fit), to compare with offline
+        coefs = coefficients or [prior_coefficients(profile, n_devices)] * n_devices
+        self._dev = [OnlineDevice(c, publish_mode(source), fit=coefficients is None) for c in coefs]
         self._pending_results: list[RequestResult] = []
         self._totals = Totals(0.0, 0.0, 0.0, source, device_measured_j=[0.0] * n_devices)
         self.late_steps = 0
@@ -71,18 +76,16 @@ class OnlineAttributor:
         self._received_until = step.t_end
         self._max_step_s = max(self._max_step_s, step.t_end - step.t_start)
         t = self.table
-        for r in step.requests:
+        slots = np.empty(len(step.requests), dtype=np.int64)
+        for i, r in enumerate(step.requests):
             k = t.slots.get(r.id)
             if k is None:
                 k = t.slots[r.id] = len(t.ids)
                 t.ids.append(r.id)
-                t.ensure(len(t.ids))
-            if r.stratum is not None and t.stratum.get(k) is None:
-                t.stratum[k] = r.stratum
-            if r.prompt_tokens:
-                t.col("prompt_tokens")[k] = max(t.col("prompt_tokens")[k], r.prompt_tokens)
+            slots[i] = k
             if r.finished:
                 t.finished.add(k)
+        note_metadata(t, step.requests, slots)
 
     def add_reading(self, reading: Reading) -> None:
         """Add one meter poll (cumulative joules per device)."""
@@ -226,17 +229,5 @@ class OnlineAttributor:
 
     def _compact(self) -> None:
         """Forget emitted requests (bounded memory)."""
-        old = self.table
-        keep = [k for k in range(len(old.ids)) if k not in self._emitted]
-        new = RequestTable()
-        new.ensure(len(keep))
-        for j, k in enumerate(keep):
-            new.ids.append(old.ids[k])
-            new.slots[old.ids[k]] = j
-            new.data[:, j] = old.data[:, k]
-            if k in old.stratum:
-                new.stratum[j] = old.stratum[k]
-            if k in old.finished:
-                new.finished.add(j)
-        self.table = new
+        self.table = self.table.without(self._emitted)
         self._emitted = set()

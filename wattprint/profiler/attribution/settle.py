@@ -10,7 +10,9 @@ from wattprint.profiler.attribution.features import cumulative
 
 
 def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
-    """Indices into the boundaries that start a new block of at least ``window_s`` seconds."""
+    """Indices into the boundaries where blocks end: each block spans at least ``window_s`` seconds,
+    except a last, shorter one up to the last boundary (the online driver's rule: it cannot know
+    the future, so offline does the same and both settle identical blocks)."""
     if len(b_t) < 2:
         return np.array([0], dtype=np.int64)
     edges = [0]
@@ -20,10 +22,7 @@ def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
             edges.append(i)
             last = b_t[i]
     if edges[-1] != len(b_t) - 1:
-        if len(edges) > 1:
-            edges[-1] = len(b_t) - 1  # fold a short tail into the last block
-        else:
-            edges.append(len(b_t) - 1)
+        edges.append(len(b_t) - 1)
     return np.asarray(edges, dtype=np.int64)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.split import EntrySplit
-from wattprint.profiler.core.records import EntryArrays
+from wattprint.profiler.core.records import RequestEntry
 from wattprint.profiler.core.results import RequestResult, Totals
 
 
@@ -68,6 +69,21 @@ class RequestTable:
             np.minimum(self.col("t_start")[:n], ts, out=self.col("t_start")[:n])
             np.maximum(self.col("t_end")[:n], te, out=self.col("t_end")[:n])
 
+    def without(self, drop: set[int]) -> RequestTable:
+        """A new table without the slots in ``drop`` (the online driver forgets emitted requests)."""
+        keep = [k for k in range(len(self.ids)) if k not in drop]
+        new = RequestTable()
+        new.ensure(len(keep))
+        for j, k in enumerate(keep):
+            new.ids.append(self.ids[k])
+            new.slots[self.ids[k]] = j
+            new.data[:, j] = self.data[:, k]
+            if k in self.stratum:
+                new.stratum[j] = self.stratum[k]
+            if k in self.finished:
+                new.finished.add(j)
+        return new
+
     def result(self, slot: int, source: str, model: str | None, status: str = "final") -> RequestResult:
         d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
         prefill_tokens = int(d["prefill_tokens"])
@@ -121,30 +137,34 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
                 d[name] = d.get(name, 0.0) + float(tok[ph][i])
 
 
-# ------------------------------------------------------------------------------------------ offline
-def _request_metadata(entries: EntryArrays, table: RequestTable) -> None:
-    """Stratum and prompt length of each request, from its first entry (the vLLM hook repeats them on
-    every entry; files may give them once). Only requests whose first entry names no stratum are
-    looked up further, in their later entries. Per-request work, not per-entry."""
-    reqs, slot = entries.reqs, entries.slot
-    n = len(entries.slot_ids)
-    first = np.empty(n, dtype=np.int64)
-    first[slot[::-1]] = np.arange(len(slot) - 1, -1, -1)  # the last write wins: each slot's first entry
+def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry], slots: np.ndarray) -> None:
+    """The request-metadata rule, for offline and online alike: a request's stratum and prompt length
+    are the first ones any of its entries gives (the vLLM hook repeats them on every entry; files may
+    give them once, anywhere). ``slots``: the table slot of each entry, entries in time order.
+
+    Per-request work: each request's first entry here is read; only requests still lacking a stratum or
+    a prompt length are looked up in their later entries.
+    """
+    n = len(table.ids)
+    table.ensure(n)
+    if not len(slots):
+        return
+    first = np.full(n, -1, dtype=np.int64)
+    first[slots[::-1]] = np.arange(len(slots) - 1, -1, -1)  # the last write wins: each slot's first entry
     prompt_col = table.col("prompt_tokens")
+    stratum = table.stratum
     missing = np.zeros(n, dtype=bool)
-    for k, i in enumerate(first.tolist()):
-        r = reqs[i]
-        if r.stratum is not None:
-            table.stratum[k] = r.stratum
-        else:
-            missing[k] = True
-        if r.prompt_tokens:
+    for k in np.flatnonzero(first >= 0).tolist():
+        r = reqs[first[k]]
+        if stratum.get(k) is None and r.stratum is not None:
+            stratum[k] = r.stratum
+        if not prompt_col[k] and r.prompt_tokens:
             prompt_col[k] = r.prompt_tokens
+        missing[k] = stratum.get(k) is None or not prompt_col[k]
     if missing.any():
-        for i in np.flatnonzero(missing[slot]).tolist():
-            r = reqs[i]
-            k = int(slot[i])
-            if r.stratum is not None and table.stratum.get(k) is None:
-                table.stratum[k] = r.stratum
-            if r.prompt_tokens:
-                prompt_col[k] = max(prompt_col[k], r.prompt_tokens)
+        for i in np.flatnonzero(missing[slots]).tolist():
+            r, k = reqs[i], int(slots[i])
+            if stratum.get(k) is None and r.stratum is not None:
+                stratum[k] = r.stratum
+            if not prompt_col[k] and r.prompt_tokens:
+                prompt_col[k] = r.prompt_tokens

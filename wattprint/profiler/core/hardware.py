@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from wattprint.configs import config_dir
-from wattprint.files import atomic_write
 from wattprint.errors import ConfigError
+from wattprint.files import atomic_write
 
 REQUIRED_KEYS = (
     "name",

@@ -33,7 +33,8 @@ class SimulatedMeter(Meter):
 
     With no activity reported, the twin idles. ``time_fn`` is the clock (``time.monotonic``).
     Activity is accepted up to ``horizon_s`` late: the counter publishes energy up to
-    ``now - horizon_s`` so that step records arriving a little after their step still count.
+    ``now - horizon_s`` so that step records arriving a little after their step still count. Each
+    reading is therefore stamped ``now - horizon_s``: the time its value refers to.
     """
 
     profile: HardwareProfile | str = "h100-sxm"
@@ -94,4 +95,4 @@ class SimulatedMeter(Meter):
                         0.5 * dev.effects.publish_period_s,
                     )
                 out.append(dev.value_j)
-        return Reading(now, tuple(out), self.source)
+        return Reading(now - self.horizon_s, tuple(out), self.source)

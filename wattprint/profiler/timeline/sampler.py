@@ -1,11 +1,10 @@
 """The energy timeline: a sampler thread polling a meter, and energy over any time window.
 
 A counter like NVML's total energy is republished about every 100 ms and reads the same in between. The
-timeline polls faster (50 Hz by default) and keeps, per device, the **change points**: the first sample
-showing a new value, with the time of the sample before it. The value was published somewhere between
-the two, so its publish time is estimated as their midpoint (``publish_time="midpoint"``; for counters
-updated at every read - RAPL, the CPU-time estimate - the sample time itself, ``"sample"``; the default
-``"auto"`` picks by the meter's source).
+timeline polls faster (50 Hz by default) and keeps, per device, the **change points** given by the counter
+rule of :mod:`wattprint.profiler.timeline.counter` (publish time: the midpoint of the two polls around a
+change, ``publish_time="midpoint"``, or the sample time for counters updated at every read,
+``"sample"``; the default ``"auto"`` picks by the meter's source; a counter that goes back is stitched).
 
 ``energy_between(t0, t1)`` evaluates the cumulative energy ``E(t)`` of each device by linear
 interpolation between the estimated publish points and returns ``E(t1) - E(t0)``. Outside the first and
@@ -29,30 +28,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from wattprint.errors import InputError, MeterError
 from wattprint.profiler.meters.base import Meter, Reading
+from wattprint.profiler.timeline.counter import PUBLISH_MODES, ChangePoint, CounterTrack, publish_mode
 
 log = logging.getLogger(__name__)
-
-#: sources whose counters change at every read: their publish time is the sample time
-_CONTINUOUS_SOURCES = ("rapl", "cputime-estimate")
-
-
-@dataclass(frozen=True)
-class ChangePoint:
-    """The first sample of a device showing a new counter value, and the sample time before it."""
-
-    t_prev_s: float
-    t_s: float
-    energy_j: float
-    prev_energy_j: float
-
-    @property
-    def t_mid_s(self) -> float:
-        """Estimated publish time: midpoint between the last sample with the old value and this one."""
-        return 0.5 * (self.t_prev_s + self.t_s)
 
 
 Subscriber = Callable[[Reading], None]
@@ -74,7 +55,7 @@ class _Track:
     def __len__(self) -> int:
         return len(self.cps) - self.head
 
-    def append(self, cp: ChangePoint, t_pub: float) -> bool:
+    def append(self, cp: ChangePoint) -> bool:
         """Add a change point; True when the oldest one was evicted to make room."""
         evicted = False
         if len(self) == self.maxlen:
@@ -86,7 +67,7 @@ class _Track:
                 del self.t_pub[: self.head]
                 self.head = 0
         self.cps.append(cp)
-        self.t_pub.append(t_pub)
+        self.t_pub.append(cp.t_pub_s)
         return evicted
 
     def retained(self) -> list[ChangePoint]:
@@ -135,11 +116,10 @@ class EnergyTimeline:
             raise InputError(f"timeline rate must be a positive number of Hz, got {rate_hz!r}")
         if maxlen < 2:
             raise InputError(f"timeline buffer must hold at least 2 samples, got {maxlen}")
-        if publish_time not in ("auto", "midpoint", "sample"):
+        if publish_time != "auto" and publish_time not in PUBLISH_MODES:
             raise InputError(f"publish_time must be auto, midpoint or sample, got {publish_time!r}")
         if publish_time == "auto":
-            base = meter.source.split(":", 1)[1] if meter.source.startswith("replay:") else meter.source
-            publish_time = "sample" if base in _CONTINUOUS_SOURCES else "midpoint"
+            publish_time = publish_mode(meter.source)
         self.meter = meter
         self.rate_hz = float(rate_hz)
         self.maxlen = int(maxlen)
@@ -148,6 +128,7 @@ class EnergyTimeline:
         self._lock = threading.RLock()
         self._buffer: deque[Reading] = deque(maxlen=self.maxlen)
         self._tracks: list[_Track] = []
+        self._counters: list[CounterTrack] = []
         self._last: Reading | None = None
         self._subscribers: list[Subscriber] = [on_reading] if on_reading is not None else []
         self._thread: threading.Thread | None = None
@@ -163,7 +144,7 @@ class EnergyTimeline:
         self.last_error: BaseException | None = None
         #: subscriber exceptions (caught)
         self.callback_errors = 0
-        #: readings ignored: time not after the previous one, wrong device count, or a counter going back
+        #: readings ignored: time not after the previous one, or a wrong device count
         self.rejected = 0
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -213,25 +194,25 @@ class EnergyTimeline:
         if last is not None and (reading.t_s <= last.t_s or len(reading.energy_j) != len(last.energy_j)):
             self.rejected += 1
             return False
-        if last is not None and any(e < p for e, p in zip(reading.energy_j, last.energy_j, strict=True)):
-            # meters are monotone by contract; a value going back cannot be interpolated
-            self.rejected += 1
-            return False
         self.samples += 1
         if len(self._buffer) == self._buffer.maxlen:
             self.dropped += 1
         self._buffer.append(reading)
         if last is None:
             self._tracks = [_Track(self._cp_maxlen, reading.t_s, e) for e in reading.energy_j]
-        else:
-            for dev, (e, p) in enumerate(zip(reading.energy_j, last.energy_j, strict=True)):
-                if e != p:
-                    cp = ChangePoint(t_prev_s=last.t_s, t_s=reading.t_s, energy_j=e, prev_energy_j=p)
-                    t_pub = cp.t_mid_s if self.publish_time == "midpoint" else cp.t_s
-                    if self._tracks[dev].append(cp, t_pub):
-                        self.dropped_change_points += 1
+            self._counters = [CounterTrack(self.publish_time) for _ in reading.energy_j]
+        for dev, e in enumerate(reading.energy_j):
+            cp = self._counters[dev].feed(reading.t_s, e)
+            if cp is not None and self._tracks[dev].append(cp):
+                self.dropped_change_points += 1
         self._last = reading
         return True
+
+    @property
+    def counter_resets(self) -> int:
+        """Counter resets stitched so far (all devices)."""
+        with self._lock:
+            return sum(c.resets for c in self._counters)
 
     def _run(self) -> None:
         period = 1.0 / self.rate_hz

@@ -16,7 +16,6 @@ reports is ever a measurement (source ``simulated``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

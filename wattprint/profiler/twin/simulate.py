@@ -22,8 +22,8 @@ import numpy as np
 from wattprint.profiler.core import costmodel as cm
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
-from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
 from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line
+from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
 
 STRATA = ("critical", "science", "productive", "agentic")
 

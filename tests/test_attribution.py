@@ -148,23 +148,3 @@ def test_online_settles_a_request_aborted_between_steps(llama8b, h100):
         out += on.advance(t)
     assert [r.id for r in out] == ["aborted"]
     assert out[0].energy_j > 0 and on.provisional("aborted") is None
-
-
-def test_stratum_and_prompt_from_later_entries(llama8b, h100):
-    """A request whose first entry names no stratum takes it from a later entry; the prompt length
-    given on entries wins over the prefill count (a trace may start mid-prompt)."""
-    sim = simulate(llama8b, h100, WorkloadSpec(requests=20, rate_rps=5, seed=8))
-    target = sim.steps[0].requests[0].id
-    seen = 0
-    for s in sim.steps:
-        for r in s.requests:
-            if r.id == target:
-                r.stratum = None if seen == 0 else ("science" if seen == 2 else None)
-                r.prompt_tokens = 99999 if seen == 1 else None
-                seen += 1
-    a = attribute(sim.steps, sim.energy, llama8b, h100, source="simulated")
-    got = {r.id: r for r in a.requests}[target]
-    assert got.stratum == "science"
-    assert got.prompt_tokens == 99999
-    others = [r for r in a.requests if r.id != target]
-    assert all(r.stratum == sim.truth[r.id].stratum for r in others)

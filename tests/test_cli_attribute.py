@@ -105,3 +105,31 @@ def test_existing_output_is_kept_on_error(trace, tmp_path):
     bad = _corrupt(trace, tmp_path, "steps.jsonl", 2, "garbage")
     rc, _, _ = run(trace, tmp_path, steps=bad)
     assert rc == 2 and out.read_text() == "previous\n"
+
+
+def test_online_replay_writes_the_same_files_and_conserves(trace, tmp_path, llama8b, h100):
+    """`attribute --online --meter-hz 50` runs the sidecar's streaming core on the recorded trace."""
+    off_rc, off_out, _ = run(trace, tmp_path / "off")
+    out, summ = tmp_path / "on.jsonl", tmp_path / "on.json"
+    rc = main(["attribute", "--steps", str(trace / "steps.jsonl"), "--energy", str(trace / "energy.jsonl"),
+               "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--out", str(out), "--summary", str(summ),
+               "--online", "--meter-hz", "50", "-q"])
+    assert rc == 0 and off_rc == 0
+    online = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    offline = {r["id"]: r for r in map(json.loads, off_out.read_text().splitlines())}
+    assert set(online) == set(offline) and all(r["status"] == "final" for r in online.values())
+    s = json.loads(summ.read_text())
+    assert s["driver"] == "online" and s["meter_hz"] == 50
+    assert abs(sum(r["energy_j"] for r in online.values()) + s["idle_j"] - s["measured_j"]) <= 1e-9 * s["measured_j"]
+    # the two drivers fit differently (global vs running) but land close on the same trace
+    total_on = sum(r["energy_j"] for r in online.values())
+    total_off = sum(r["energy_j"] for r in offline.values())
+    assert total_on == pytest.approx(total_off, rel=0.05)
+
+
+def test_meter_hz_needs_online(trace, tmp_path, capsys):
+    rc = main(["attribute", "--steps", str(trace / "steps.jsonl"), "--energy", str(trace / "energy.jsonl"),
+               "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--out", str(tmp_path / "x.jsonl"),
+               "--meter-hz", "50", "-q"])
+    assert rc == 2 and "--online" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

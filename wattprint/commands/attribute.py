@@ -14,6 +14,10 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--summary", help="summary.json to write")
     a.add_argument("--window-s", type=float, default=2.0, help="settlement block length (s)")
     a.add_argument("--source", help="override the energy source label")
+    a.add_argument("--online", action="store_true",
+                   help="replay the trace through the streaming core as the sidecar receives it")
+    a.add_argument("--meter-hz", type=float, default=None,
+                   help="with --online: poll the recorded counter at this rate (default: as recorded)")
     a.add_argument("--limit", type=int, default=20, help="rows of the printed table")
     a.add_argument("-q", "--quiet", action="store_true")
 
@@ -21,6 +25,7 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from wattprint.commands.common import energy_source, model_config_path
     from wattprint.commands.output import write_requests, write_summary
+    from wattprint.errors import ConfigError
     from wattprint.profiler.attribution.offline import attribute
     from wattprint.profiler.core.costmodel import geometry_from_config
     from wattprint.profiler.core.hardware import load_profile
@@ -32,12 +37,23 @@ def run(args: argparse.Namespace) -> int:
     steps = load_steps(args.steps)
     samples = read_energy(args.energy)
     source = args.source or energy_source(samples)
-    result = attribute(steps, samples, g, hw, source=source, window_s=args.window_s, model_name=g.name,
-                       energy_path=str(args.energy))
+    extra = {}
+    if args.online:
+        from wattprint.profiler.attribution.replay import replay_online
+        from wattprint.profiler.meters.replay import readings_from_samples
+
+        result = replay_online(steps.steps, readings_from_samples(samples, source), g, hw, source=source,
+                               meter_hz=args.meter_hz, window_s=args.window_s, model_name=g.name)
+        extra = {"driver": "online", "meter_hz": args.meter_hz}
+    else:
+        if args.meter_hz is not None:
+            raise ConfigError("--meter-hz goes with --online")
+        result = attribute(steps, samples, g, hw, source=source, window_s=args.window_s, model_name=g.name,
+                           energy_path=str(args.energy))
     write_requests(args.out, result.requests)
     if args.summary:
         write_summary(args.summary, result.totals, model=g.name, model_config=str(config),
-                      model_geometry=g.to_dict(), hardware=hw.name)
+                      model_geometry=g.to_dict(), hardware=hw.name, **extra)
     if not args.quiet:
         from wattprint.exporters.report import print_report  # rich: only when a table is printed
 

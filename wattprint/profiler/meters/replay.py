@@ -19,8 +19,8 @@ from itertools import groupby
 from pathlib import Path
 
 from wattprint.errors import MeterError
-from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
 from wattprint.profiler.core.records import EnergySample, encode_line, read_energy
+from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
 
 
 def _strip_replay(source: str) -> str:
@@ -35,6 +35,23 @@ def recorded_source(samples: Iterable[EnergySample]) -> str:
     return "+".join(names) if names else "unknown"
 
 
+def readings_from_samples(samples: Sequence[EnergySample], source: str) -> list[Reading]:
+    """Samples that share a timestamp form one reading (devices in increasing id order); a device
+    missing from a group keeps its previous value (before its first sample: its first value)."""
+    ids = sorted({s.device for s in samples})
+    pos = {d: i for i, d in enumerate(ids)}
+    first: dict[int, float] = {}
+    for s in samples:
+        first.setdefault(s.device, s.energy_j)
+    current = [first[d] for d in ids]
+    readings = []
+    for t, group in groupby(sorted(samples, key=lambda s: s.t), key=lambda s: s.t):
+        for s in group:
+            current[pos[s.device]] = s.energy_j
+        readings.append(Reading(t_s=t, energy_j=tuple(current), source=source))
+    return readings
+
+
 class ReplayMeter(Meter):
     """Steps through the readings of an ``energy.jsonl`` file."""
 
@@ -46,22 +63,9 @@ class ReplayMeter(Meter):
         self._devices = [
             DeviceInfo(index=d, name=f"replay device {d}", extra={"path": str(self.path)}) for d in ids
         ]
-        self._readings = self._group(ids)
+        self._readings = readings_from_samples(self._samples, self.source)
         self._pos = 0
         self._lock = threading.Lock()
-
-    def _group(self, ids: list[int]) -> list[Reading]:
-        pos = {d: i for i, d in enumerate(ids)}
-        first: dict[int, float] = {}
-        for s in self._samples:
-            first.setdefault(s.device, s.energy_j)
-        current = [first[d] for d in ids]
-        readings = []
-        for t, group in groupby(sorted(self._samples, key=lambda s: s.t), key=lambda s: s.t):
-            for s in group:
-                current[pos[s.device]] = s.energy_j
-            readings.append(Reading(t_s=t, energy_j=tuple(current), source=self.source))
-        return readings
 
     @property
     def devices(self) -> list[DeviceInfo]:

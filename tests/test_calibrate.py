@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pathlib
 
 import numpy as np
 import pytest
 import yaml
 
+from wattprint.commands import calibrate as calibrate_command
 from wattprint.errors import MeterError
 from wattprint.kernels import KernelWork
-from wattprint.profiler.calibrate import legacy as cal
+from wattprint.profiler.calibrate.analysis import RunResult, counter_window
+from wattprint.profiler.calibrate.fit import fit_energy_model
+from wattprint.profiler.calibrate.plan import RunSpec, build_plan, launches_needed
+from wattprint.profiler.calibrate.procedure import calibrate
+from wattprint.profiler.calibrate.simdevice import SimulatedDevice
+from wattprint.profiler.calibrate.stats import student_t_cdf, student_t_quantile
 from wattprint.profiler.core.hardware import load_profile, profile_from_dict
+from wattprint.profiler.twin.power import poll_counter
 
 TRUE = {
     "name": "test-gpu",
@@ -38,8 +44,8 @@ def true_yaml(tmp_path):
 
 
 def run_cli(*argv: str) -> int:
-    parser = cal.add_calibrate_arguments(argparse.ArgumentParser(prog="wattprint calibrate"))
-    return cal.run_calibrate(parser.parse_args(list(argv)))
+    parser = calibrate_command.add_arguments(argparse.ArgumentParser(prog="wattprint calibrate"))
+    return calibrate_command.run(parser.parse_args(list(argv)))
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -49,12 +55,12 @@ def run_cli(*argv: str) -> int:
      (0.995, 10, 3.169273), (0.025, 8, -2.306004), (0.5, 3, 0.0), (0.975, 1e9, 1.959964)],
 )
 def test_student_t_quantile_matches_tables(p, dof, expected):
-    assert cal.student_t_quantile(p, dof) == pytest.approx(expected, abs=2e-6)
+    assert student_t_quantile(p, dof) == pytest.approx(expected, abs=2e-6)
 
 
 def _run(duration, flops, dram, kv, energy):
-    spec = cal.RunSpec("synthetic", "synthetic", {}, KernelWork(0, 0))
-    return cal.RunResult(spec, 1, energy, duration, flops, dram, kv)
+    spec = RunSpec("synthetic", "synthetic", {}, KernelWork(0, 0))
+    return RunResult(spec, 1, energy, duration, flops, dram, kv)
 
 
 def test_fit_is_exact_on_noiseless_data():
@@ -64,7 +70,7 @@ def test_fit_is_exact_on_noiseless_data():
     for _ in range(12):
         row = np.array([rng.uniform(4, 6), rng.uniform(0, 5e14), rng.uniform(0, 1e13), rng.uniform(0, 1e13)])
         runs.append(_run(*row, energy=float(row @ truth)))
-    fit = cal.fit_energy_model(runs)
+    fit = fit_energy_model(runs)
     assert fit.names == list(FITTED)
     np.testing.assert_allclose(fit.estimate, truth, rtol=1e-9)
     assert fit.r2 == pytest.approx(1.0)
@@ -74,7 +80,7 @@ def test_fit_is_exact_on_noiseless_data():
 def test_fit_leaves_out_columns_without_signal():
     runs = [_run(5.0, f, b, 0.0, energy=150 * 5.0 + 7e-13 * f + 1e-10 * b)
             for f, b in [(1e14, 1e12), (3e14, 2e12), (0.0, 9e12), (2e14, 0.0), (4e14, 5e12)]]
-    fit = cal.fit_energy_model(runs)
+    fit = fit_energy_model(runs)
     assert fit.names == ["static_power_w", "energy_per_flop_j", "energy_per_byte_j"]
     assert fit.get("energy_per_kv_byte_j") is None
 
@@ -85,23 +91,23 @@ def test_counter_window_snaps_to_republications():
     pub = np.arange(0.0, 10.0, 0.1) + 0.037
     polls = np.arange(0.0, 10.0, 0.002)
     values = 100.0 * pub
-    e = cal.poll_counter(pub, values, polls)
-    ta, tb, joules = cal.counter_window(polls, e, 2.0, 7.0)
+    e = poll_counter(pub, values, polls)
+    ta, tb, joules = counter_window(polls, e, 2.0, 7.0)
     assert 2.0 <= ta < 2.1 and 6.9 < tb <= 7.0
     assert joules / (tb - ta) == pytest.approx(100.0, rel=2e-3)
     with pytest.raises(MeterError, match="raise --seconds"):
-        cal.counter_window(polls, e, 2.0, 2.09)  # one republication only
+        counter_window(polls, e, 2.0, 2.09)  # one republication only
 
 
 def test_launches_needed_follows_the_5_s_or_32_iterations_rule():
-    assert cal.launches_needed(0.001, 5.0, 1.0) == 6000  # time-bound: 6 s of 1 ms launches
-    assert cal.launches_needed(0.1, 1.0, 0.2) == 2 + 32  # 32 launches after the rise time
-    assert cal.launches_needed(1.0, 5.0, 1.0) == 21  # 32 would take > 4 x 5 s: capped
+    assert launches_needed(0.001, 5.0, 1.0) == 6000  # time-bound: 6 s of 1 ms launches
+    assert launches_needed(0.1, 1.0, 0.2) == 2 + 32  # 32 launches after the rise time
+    assert launches_needed(1.0, 5.0, 1.0) == 21  # 32 would take > 4 x 5 s: capped
 
 
 def test_plan_is_randomised_complete_and_streams_from_dram():
-    a = cal.build_plan(132, trials=2, rng=np.random.default_rng(0))
-    b = cal.build_plan(132, trials=2, rng=np.random.default_rng(1))
+    a = build_plan(132, trials=2, rng=np.random.default_rng(0))
+    b = build_plan(132, trials=2, rng=np.random.default_rng(1))
     assert [s.label for s in a] != [s.label for s in b]
     labels = [s.label for s in a]
     assert all(labels.count(x) == 2 for x in labels)
@@ -137,7 +143,7 @@ def test_simulated_calibration_recovers_the_true_profile(tmp_path, true_yaml, se
     for key in ("date", "device", "driver", "meter", "r2", "intervals", "runs", "dof", "std_errors"):
         assert key in fit, key
     assert fit["meter"] == "simulated" and fit["device"] == "simulated test-gpu"
-    assert fit["runs"] == len(cal.build_plan(132, 2))
+    assert fit["runs"] == len(build_plan(132, 2))
     assert fit["r2"] > 0.99
     assert 0.5e12 < prof.peak_flops < TRUE["peak_flops"]
     assert 2e12 < prof.peak_bandwidth_bytes_s < TRUE["peak_bandwidth_bytes_s"]
@@ -167,8 +173,8 @@ def test_confidence_intervals_cover_the_truth_about_95_percent_of_the_time():
     hits = {k: 0 for k in FITTED}
     n = 40
     for seed in range(100, 100 + n):
-        dev = cal.SimulatedDevice(true, seed=seed)
-        res = cal.calibrate(dev, seed=seed)
+        dev = SimulatedDevice(true, seed=seed)
+        res = calibrate(dev, seed=seed)
         seen = res.truth["through_counter"]
         for k in FITTED:
             lo, hi = res.fit.interval(k)
@@ -182,9 +188,9 @@ def test_confidence_intervals_cover_the_truth_about_95_percent_of_the_time():
 def test_simulated_time_does_not_elapse():
     import time
 
-    dev = cal.SimulatedDevice(profile_from_dict(TRUE), seed=0)
+    dev = SimulatedDevice(profile_from_dict(TRUE), seed=0)
     t = time.perf_counter()
-    cal.calibrate(dev, seed=0)
+    calibrate(dev, seed=0)
     assert dev.t > 400.0  # about 8 minutes of virtual GPU time ...
     assert time.perf_counter() - t < 10.0  # ... simulated, not waited for
 
@@ -254,7 +260,7 @@ def test_bad_true_profile_exits_2(tmp_path, capsys):
 
 def test_keyboard_interrupt_during_the_runs_leaves_no_file(tmp_path, true_yaml, monkeypatch, capsys):
     calls = {"n": 0}
-    real_run = cal.SimulatedDevice.run
+    real_run = SimulatedDevice.run
 
     def run(self, *a, **kw):
         calls["n"] += 1
@@ -262,7 +268,7 @@ def test_keyboard_interrupt_during_the_runs_leaves_no_file(tmp_path, true_yaml, 
             raise KeyboardInterrupt
         return real_run(self, *a, **kw)
 
-    monkeypatch.setattr(cal.SimulatedDevice, "run", run)
+    monkeypatch.setattr(SimulatedDevice, "run", run)
     out = tmp_path / "profile.yaml"
     assert run_cli("--meter", "simulated", "--simulate", str(true_yaml), "--out", str(out)) == 130
     assert "no profile written" in capsys.readouterr().err
@@ -284,16 +290,16 @@ def test_keyboard_interrupt_while_writing_keeps_the_previous_profile(tmp_path, t
 
 def test_student_t_cdf_is_a_cdf():
     xs = [-5, -1, 0, 0.5, 3]
-    vals = [cal.student_t_cdf(x, 4) for x in xs]
+    vals = [student_t_cdf(x, 4) for x in xs]
     assert vals == sorted(vals) and vals[2] == pytest.approx(0.5)
-    assert cal.student_t_cdf(1.0, 1) == pytest.approx(0.5 + math.atan(1.0) / math.pi)
+    assert student_t_cdf(1.0, 1) == pytest.approx(0.5 + math.atan(1.0) / math.pi)
 
 
 def test_discarding_the_rise_time_matters():
     """The simulated power lags each run's start by ~0.15 s: keeping that lag biases every coefficient."""
     true = profile_from_dict(TRUE)
-    kept = cal.calibrate(cal.SimulatedDevice(true, seed=2), seed=2, rise_s=0.0)
-    dropped = cal.calibrate(cal.SimulatedDevice(true, seed=2), seed=2)
+    kept = calibrate(SimulatedDevice(true, seed=2), seed=2, rise_s=0.0)
+    dropped = calibrate(SimulatedDevice(true, seed=2), seed=2)
     seen = kept.truth["through_counter"]
     assert kept.fit.get("energy_per_flop_j") < 0.985 * seen["energy_per_flop_j"]
     assert dropped.fit.get("energy_per_flop_j") == pytest.approx(seen["energy_per_flop_j"], rel=0.01)

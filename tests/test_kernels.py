@@ -353,7 +353,7 @@ class FakeMeter:
 
 
 def _tiny_plan():
-    from wattprint.profiler.calibrate.legacy import RunSpec
+    from wattprint.profiler.calibrate.plan import RunSpec
 
     kv = {"context": 8, "num_seqs": 2, "order": "random", "num_heads": 4, "num_kv_heads": 2, "head_size": 16,
           "block_size": 4}
@@ -373,7 +373,8 @@ def _tiny_plan():
 @in_process
 def test_gpu_calibration_loop_with_a_fake_meter():
     """GpuDevice's launch loop, sampler thread and window analysis, with every kernel (tiny sizes)."""
-    from wattprint.profiler.calibrate.legacy import GpuDevice, calibrate
+    from wattprint.profiler.calibrate.gpudevice import GpuDevice
+    from wattprint.profiler.calibrate.procedure import calibrate
 
     dev = GpuDevice(0, meter=FakeMeter(), torch_device=DEVICE)
     try:

@@ -26,6 +26,8 @@ class FakeGpu:
         instant_mw=None,
         usage_mw=None,
         mig=False,
+        enforced_limit_mw=700_000,
+        default_limit_mw=700_000,
     ):
         self.uuid = uuid
         self.name = name
@@ -34,6 +36,8 @@ class FakeGpu:
         self.instant_mw = None if instant_mw is None else list(instant_mw)
         self.usage_mw = None if usage_mw is None else list(usage_mw)
         self.mig = mig
+        self.enforced_limit_mw = enforced_limit_mw  # None: NOT_SUPPORTED
+        self.default_limit_mw = default_limit_mw
 
     @staticmethod
     def _next(values):
@@ -87,6 +91,14 @@ class FakeNvml:
                 raise _err("NVML_ERROR_NOT_SUPPORTED")
             return FakeGpu._next(h.usage_mw)
 
+        def limit(attr):
+            def read(h):
+                if getattr(h, attr) is None:
+                    raise _err("NVML_ERROR_NOT_SUPPORTED")
+                return getattr(h, attr)
+
+            return read
+
         impl = {
             "nvmlInit": lambda: None,
             "nvmlShutdown": lambda: None,
@@ -99,6 +111,9 @@ class FakeNvml:
             "nvmlDeviceGetTotalEnergyConsumption": energy,
             "nvmlDeviceGetFieldValues": fields,
             "nvmlDeviceGetPowerUsage": usage,
+            "nvmlDeviceGetEnforcedPowerLimit": limit("enforced_limit_mw"),
+            "nvmlDeviceGetPowerManagementDefaultLimit": limit("default_limit_mw"),
+            "nvmlSystemGetDriverVersion": lambda: b"550.54.15",
         }
         for name, fn in impl.items():
             m = mock.create_autospec(getattr(pynvml, name), side_effect=fn)
@@ -288,3 +303,49 @@ def test_same_gpu_twice_is_refused(monkeypatch, clock):
     make(monkeypatch, [FakeGpu("GPU-a"), FakeGpu("GPU-b")])
     with pytest.raises(MeterError, match="selected twice"):
         NvmlMeter(devices=[1, "GPU-b"])
+
+
+def test_power_limit_is_the_enforced_limit(monkeypatch, clock):
+    fake = make(monkeypatch, [FakeGpu("GPU-a", enforced_limit_mw=650_000, default_limit_mw=700_000)])
+    m = NvmlMeter()
+    gpu = m.gpus[0]
+    assert isinstance(gpu, nvml_mod.NvmlGpu)
+    assert gpu.power_limit_w() == pytest.approx(650.0)
+    assert gpu.enforced_power_limit_mw() == 650_000.0
+    assert gpu.default_power_limit_mw() == 700_000.0
+    fake.mocks["nvmlDeviceGetEnforcedPowerLimit"].assert_called_with(gpu.handle)
+
+
+def test_power_limit_falls_back_to_the_default_limit(monkeypatch, clock):
+    fake = make(monkeypatch, [FakeGpu("GPU-a", enforced_limit_mw=None, default_limit_mw=400_000)])
+    gpu = NvmlMeter().gpus[0]
+    assert gpu.power_limit_w() == pytest.approx(400.0)
+    fake.mocks["nvmlDeviceGetPowerManagementDefaultLimit"].assert_called_once_with(gpu.handle)
+    with pytest.raises(nvml_mod.NvmlCallError) as info:
+        gpu.enforced_power_limit_mw()
+    assert info.value.code == pynvml.NVML_ERROR_NOT_SUPPORTED
+    assert info.value.call == "nvmlDeviceGetEnforcedPowerLimit"
+
+
+def test_no_power_limit_is_meter_error(monkeypatch, clock):
+    make(monkeypatch, [FakeGpu("GPU-a", enforced_limit_mw=None, default_limit_mw=None)])
+    gpu = NvmlMeter().gpus[0]
+    with pytest.raises(MeterError, match="cannot read the GPU's power limit through NVML"):
+        gpu.power_limit_w()
+
+
+def test_gpus_follow_the_device_order(monkeypatch, clock):
+    make(monkeypatch, [FakeGpu(f"GPU-{i}", name=f"gpu{i}") for i in range(3)])
+    m = NvmlMeter(devices=[2, 0])
+    assert [g.selector for g in m.gpus] == [2, 0]
+    assert [g.name() for g in m.gpus] == [d.name for d in m.devices]
+
+
+def test_driver_version(monkeypatch, clock):
+    fake = make(monkeypatch, [FakeGpu("GPU-a")])
+    m = NvmlMeter()
+    assert m.driver_version() == "550.54.15"
+    fake.mocks["nvmlSystemGetDriverVersion"].side_effect = _err("NVML_ERROR_UNINITIALIZED")
+    with pytest.raises(nvml_mod.NvmlCallError, match="nvmlSystemGetDriverVersion") as info:
+        m.driver_version()
+    assert info.value.code == pynvml.NVML_ERROR_UNINITIALIZED

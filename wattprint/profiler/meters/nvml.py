@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from wattprint.errors import MeterError
 from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
@@ -49,7 +50,10 @@ _MIG_MESSAGE = (
 
 
 class NvmlCallError(MeterError):
-    """An NVML call failed. ``code`` is NVML's error code (``pynvml.NVML_ERROR_*``), ``call`` the function."""
+    """An NVML call failed. ``code`` is NVML's error code (``pynvml.NVML_ERROR_*``), ``call`` the function.
+
+    :func:`_call` is the one place where ``pynvml.NVMLError`` becomes this error.
+    """
 
     def __init__(self, message: str, code: int | None = None, call: str = ""):
         super().__init__(message)
@@ -139,9 +143,7 @@ class NvmlGpu:
         try:
             return cls(_call("nvmlDeviceGetHandleByUUID", uuid), uuid)
         except NvmlCallError as exc:
-            raise MeterError(
-                f"no GPU with UUID {uuid!r} ({exc}); `nvidia-smi -L` lists the full UUIDs"
-            ) from exc
+            raise MeterError(f"no GPU with UUID {uuid!r} ({exc}); `nvidia-smi -L` lists the full UUIDs") from exc
 
     def name(self) -> str:
         return _as_str(_call("nvmlDeviceGetName", self.handle))
@@ -170,15 +172,28 @@ class NvmlGpu:
         entry = values[0]
         ret = int(getattr(entry, "nvmlReturn", 0))
         if ret != pynvml.NVML_SUCCESS:
-            raise NvmlCallError(
-                f"nvmlDeviceGetFieldValues(NVML_FI_DEV_POWER_INSTANT) failed with NVML error {ret}",
-                code=ret,
-                call="nvmlDeviceGetFieldValues",
-            )
+            raise NvmlCallError(f"nvmlDeviceGetFieldValues(NVML_FI_DEV_POWER_INSTANT) failed with NVML error "
+                                f"{ret}", code=ret, call="nvmlDeviceGetFieldValues")
         return _field_value(entry)
 
     def power_usage_mw(self) -> float:
         return float(_as_int(_call("nvmlDeviceGetPowerUsage", self.handle)))
+
+    def enforced_power_limit_mw(self) -> float:
+        return float(_as_int(_call("nvmlDeviceGetEnforcedPowerLimit", self.handle)))
+
+    def default_power_limit_mw(self) -> float:
+        return float(_as_int(_call("nvmlDeviceGetPowerManagementDefaultLimit", self.handle)))
+
+    def power_limit_w(self) -> float:
+        """The power limit in force, in watts: the enforced limit, else the default one."""
+        try:
+            return self.enforced_power_limit_mw() / 1000.0
+        except NvmlCallError:
+            try:
+                return self.default_power_limit_mw() / 1000.0
+            except NvmlCallError as exc:
+                raise MeterError(f"cannot read the GPU's power limit through NVML: {exc}") from exc
 
 
 def _field_value(entry) -> float:
@@ -198,19 +213,19 @@ def _field_value(entry) -> float:
     return float(getattr(entry.value, member))
 
 
+@dataclass
 class _DeviceState:
     """Per-device bookkeeping: the method, the baseline, stitching offset and integration state."""
 
-    def __init__(self, gpu: NvmlGpu, method: str):
-        self.gpu = gpu
-        self.method = method
-        self.base_j = 0.0  # counter value at open (energy_counter)
-        self.last_raw_j: float | None = None  # last counter value read (energy_counter)
-        self.offset_j = 0.0  # sum of the counter values lost to resets
-        self.resets = 0
-        self.last_power_w: float | None = None  # power integration
-        self.last_t_s: float | None = None
-        self.integrated_j = 0.0
+    gpu: NvmlGpu
+    method: str
+    base_j: float = 0.0  # counter value at open (energy_counter)
+    last_raw_j: float | None = None  # last counter value read (energy_counter)
+    offset_j: float = 0.0  # sum of the counter values lost to resets
+    resets: int = 0
+    last_power_w: float | None = None  # power integration
+    last_t_s: float | None = None
+    integrated_j: float = 0.0
 
 
 class NvmlMeter(Meter):
@@ -228,47 +243,33 @@ class NvmlMeter(Meter):
         self._lock = threading.Lock()
         self._closed = False
         self._initialised = False
-        pynvml = _pynvml()
         try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            raise MeterError(
-                f"NVML is not available: {exc} (is the NVIDIA driver installed and loaded?)"
-            ) from exc
+            _call("nvmlInit")
+        except NvmlCallError as exc:
+            raise MeterError(f"NVML is not available: {exc} (is the NVIDIA driver installed and loaded?)") from exc
         except OSError as exc:  # pragma: no cover - pynvml maps loading errors itself
             raise MeterError(f"NVML is not available: {exc}") from exc
         self._initialised = True
         try:
             self._states = self._open(devices, os.environ if env is None else env)
             self._devices = [
-                DeviceInfo(
-                    index=i,
-                    name=s.gpu.name(),
-                    extra={"selector": s.gpu.selector, "uuid": s.gpu.uuid(), "method": s.method},
-                )
+                DeviceInfo(index=i, name=s.gpu.name(),
+                           extra={"selector": s.gpu.selector, "uuid": s.gpu.uuid(), "method": s.method})
                 for i, s in enumerate(self._states)
             ]
         except BaseException:
             self.close()
             raise
-        log.info(
-            "nvml meter: %s",
-            ", ".join(f"{d.index}={d.name} ({d.extra['method']})" for d in self._devices),
-        )
-
-    # -- selection -----------------------------------------------------------------------------------
+        log.info("nvml meter: %s", ", ".join(f"{d.index}={d.name} ({d.extra['method']})"
+                                            for d in self._devices))
 
     def _selectors(self, devices, env) -> list[int | str]:
         if devices is not None:
-            selectors = list(devices)
-            origin = "devices argument"
-        elif env.get("CUDA_VISIBLE_DEVICES") is not None:
-            selectors = parse_visible_devices(env["CUDA_VISIBLE_DEVICES"])
-            origin = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}"
+            selectors, origin = list(devices), "devices argument"
+        elif (visible := env.get("CUDA_VISIBLE_DEVICES")) is not None:
+            selectors, origin = parse_visible_devices(visible), f"CUDA_VISIBLE_DEVICES={visible!r}"
         else:
-            count = _as_int(_call("nvmlDeviceGetCount"))
-            selectors = list(range(count))
-            origin = "NVML"
+            selectors, origin = list(range(_as_int(_call("nvmlDeviceGetCount")))), "NVML"
         if not selectors:
             raise MeterError(f"no NVIDIA GPU selected ({origin} names none)")
         return selectors
@@ -303,27 +304,17 @@ class NvmlMeter(Meter):
             if not _is_code(exc, "NVML_ERROR_NOT_SUPPORTED"):
                 raise
         else:
-            state = _DeviceState(gpu, METHOD_ENERGY_COUNTER)
-            state.base_j = state.last_raw_j = raw_mj / 1000.0
-            return state
-        for method, read in (
-            (METHOD_POWER_INSTANT, gpu.power_instant_mw),
-            (METHOD_POWER_USAGE, gpu.power_usage_mw),
-        ):
+            return _DeviceState(gpu, METHOD_ENERGY_COUNTER, base_j=raw_mj / 1000.0, last_raw_j=raw_mj / 1000.0)
+        readers = ((METHOD_POWER_INSTANT, gpu.power_instant_mw), (METHOD_POWER_USAGE, gpu.power_usage_mw))
+        for method, read in readers:
             try:
                 power_w = read() / 1000.0
             except NvmlCallError as exc:
                 log.debug("nvml device %r: %s unavailable: %s", gpu.selector, method, exc)
                 continue
-            state = _DeviceState(gpu, method)
-            state.last_power_w = power_w
-            state.last_t_s = time.monotonic()
-            return state
-        raise MeterError(
-            f"GPU {gpu.selector!r} offers neither the NVML energy counter nor a power reading (NOT_SUPPORTED)"
-        )
-
-    # -- Meter ---------------------------------------------------------------------------------------
+            return _DeviceState(gpu, method, last_power_w=power_w, last_t_s=time.monotonic())
+        raise MeterError(f"GPU {gpu.selector!r} offers neither the NVML energy counter nor a power reading "
+                         "(NOT_SUPPORTED)")
 
     @property
     def devices(self) -> list[DeviceInfo]:
@@ -337,6 +328,15 @@ class NvmlMeter(Meter):
     @property
     def counter_resets_by_device(self) -> list[int]:
         return [s.resets for s in self._states]
+
+    @property
+    def gpus(self) -> list[NvmlGpu]:
+        """The selected GPUs' device objects, in the order of :attr:`devices` (for queries beyond energy)."""
+        return [s.gpu for s in self._states]
+
+    def driver_version(self) -> str:
+        """The NVIDIA driver's version (``nvmlSystemGetDriverVersion``; NVML is initialised while open)."""
+        return _as_str(_call("nvmlSystemGetDriverVersion"))
 
     def read(self) -> Reading:
         with self._lock:
@@ -359,13 +359,8 @@ class NvmlMeter(Meter):
             # new value counts from its new origin, so the cumulative figure never goes backwards.
             state.offset_j += state.last_raw_j
             state.resets += 1
-            log.warning(
-                "nvml device %r: energy counter went backwards (%.3f J -> %.3f J); stitched (reset #%d)",
-                state.gpu.selector,
-                state.last_raw_j,
-                raw_j,
-                state.resets,
-            )
+            log.warning("nvml device %r: energy counter went backwards (%.3f J -> %.3f J); stitched "
+                        "(reset #%d)", state.gpu.selector, state.last_raw_j, raw_j, state.resets)
         state.last_raw_j = raw_j
         return raw_j + state.offset_j - state.base_j
 
@@ -391,6 +386,6 @@ class NvmlMeter(Meter):
             if not self._initialised:
                 return
             try:
-                _pynvml().nvmlShutdown()
+                _call("nvmlShutdown")
             except Exception as exc:  # shutting down must not raise
                 log.debug("nvmlShutdown failed: %s", exc)

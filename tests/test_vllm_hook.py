@@ -16,10 +16,11 @@ from collections import defaultdict
 import pytest
 import zmq
 
-from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.core.records import StepRecord, validate_steps
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.transport.sender import SENDERS, DirectSender
 from wattprint.profiler.vllm import plugin
-from wattprint.profiler.vllm.hook import _strip_random_suffix
+from wattprint.profiler.vllm.ids import strip_random_suffix
 
 MAX_BATCHED = 64
 SNDHWM = 32  # small, so that a missing sidecar makes the hook drop quickly
@@ -29,12 +30,12 @@ SNDHWM = 32  # small, so that a missing sidecar makes the hook drop quickly
 
 
 def test_strip_random_suffix():
-    assert _strip_random_suffix("0-1a2b3c4d") == "0"
-    assert _strip_random_suffix("cmpl-abc-0-deadbeef") == "cmpl-abc-0"
-    assert _strip_random_suffix("1_chatcmpl-xyz-0123abcd") == "1_chatcmpl-xyz"
-    assert _strip_random_suffix("plain") == "plain"
-    assert _strip_random_suffix("x-DEADBEEF") == "x-DEADBEEF"  # uuid hex is lower case
-    assert _strip_random_suffix("-12345678") == "-12345678"  # nothing would be left
+    assert strip_random_suffix("0-1a2b3c4d") == "0"
+    assert strip_random_suffix("cmpl-abc-0-deadbeef") == "cmpl-abc-0"
+    assert strip_random_suffix("1_chatcmpl-xyz-0123abcd") == "1_chatcmpl-xyz"
+    assert strip_random_suffix("plain") == "plain"
+    assert strip_random_suffix("x-DEADBEEF") == "x-DEADBEEF"  # uuid hex is lower case
+    assert strip_random_suffix("-12345678") == "-12345678"  # nothing would be left
 
 
 def test_register_without_sidecar_is_a_no_op(monkeypatch):
@@ -75,20 +76,21 @@ def test_register_failure_is_one_warning_and_no_hook(monkeypatch):
     assert len(warnings) == 1 and "Scheduler.schedule missing" in warnings[0].getMessage()
 
 
-def test_observer_async_order_recompute_and_finish(tmp_path):
+@pytest.mark.parametrize("sender_kind", sorted(SENDERS))
+def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     """The observer on vLLM's call order with async scheduling (the CPU engine never schedules
     asynchronously): schedule(n+1) before update_from_output(n). Plain objects stand in for vLLM's
     Request / Scheduler / SchedulerOutput; the scheduler advances num_computed_tokens in schedule()."""
     from types import SimpleNamespace as NS
 
-    from wattprint.profiler.vllm.hook import StepObserver
+    from wattprint.profiler.vllm.observer import StepObserver
 
     RUNNING, PREEMPTED, FINISHED = 5, 6, 7
     address = f"ipc://{tmp_path}/obs.sock"
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(address)
-    obs = StepObserver(address, hwm=1000, finished_above=PREEMPTED, strip_ids=True)
+    obs = StepObserver(SENDERS[sender_kind](address, hwm=1000), finished_above=PREEMPTED, strip_ids=True)
     obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
 
     def req(rid, prompt, outputs=0, computed=0, stratum=None):
@@ -124,6 +126,7 @@ def test_observer_async_order_recompute_and_finish(tmp_path):
             records += msg.records
         if len(records) == 3:
             break
+    obs.close()
     pull.close(linger=0)
     ctx.term()
     assert [r.step for r in records] == [0, 1, 2]
@@ -135,6 +138,40 @@ def test_observer_async_order_recompute_and_finish(tmp_path):
     assert rows[2] == {"a": (0, 1, 11, True), "b": (0, 1, 16, True)}  # finished once, on the last step
     assert all(e.stratum == ("science" if e.id == "a" else None) for r in records for e in r.requests)
     assert all(e.prompt_tokens == {"a": 10, "b": 12}[e.id] for r in records for e in r.requests)
+    assert obs.info == {} and obs.pending == {}
+
+
+def test_hook_stats_summary(tmp_path):
+    """WATTPRINT_HOOK_STATS: the timed observer calls keep one sample per emitted step, and the summary
+    is written when the scheduler runs out of requests (not before this process has a scheduler)."""
+    import json
+    from types import SimpleNamespace as NS
+
+    from wattprint.profiler.vllm.observer import StepObserver
+    from wattprint.profiler.vllm.stats import HookStats
+
+    obs = StepObserver(DirectSender(f"ipc://{tmp_path}/nobody.sock", hwm=64), finished_above=6)
+    stats = HookStats(str(tmp_path / "stats-{pid}.json"), "direct", obs)
+    on_schedule, on_update = stats.timed()
+    stats.dump()
+    assert not list(tmp_path.glob("stats-*.json"))  # no Hello yet: no scheduler in this process
+    obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
+    r = NS(request_id="a", num_prompt_tokens=4, num_tokens=4, num_computed_tokens=0, status=5,
+           sampling_params=None)
+    sched = NS(requests={"a": r})
+    for t, n, idle in ((1.0, 4, False), (2.0, 1, True)):
+        r.num_computed_tokens += n
+        out = NS(num_scheduled_tokens={"a": n})
+        assert on_schedule(sched, out, t) is not None
+        if idle:
+            r.status, sched.requests = 7, {}
+        on_update(out, t + 0.5, idle)
+    obs.close()
+    summary = json.loads((tmp_path / f"stats-{os.getpid()}.json").read_text())
+    assert summary["pid"] == os.getpid() and summary["sender"] == "direct"
+    assert summary["steps"] == 2 and summary["requests_per_step_max"] == 1
+    assert summary["hook_us_median"] > 0 and summary["hook_cpu_us_mean"] >= 0
+    assert summary["errors"] == 0 and summary["dropped_total"] == obs.dropped_total()
     assert obs.info == {} and obs.pending == {}
 
 

@@ -11,7 +11,8 @@ ASGI middleware (Starlette style, no Starlette import). For ``POST /v1/completio
   The id is known without reading the response: vLLM builds it from the ``X-Request-Id`` request header
   (else the body's ``request_id``, else a random uuid). The middleware therefore sets ``X-Request-Id``
   to a fresh uuid when neither is present. The sidecar maps vLLM's engine ids (``<id>-<8 hex>``,
-  ``cmpl-<X>-<prompt index>-...``) back to the response id. Clients that bypass the middleware can
+  ``cmpl-<X>-<prompt index>-...``) back to the response id (the formats:
+  :mod:`wattprint.profiler.vllm.ids`). Clients that bypass the middleware can
   look their energy up with the ``id`` field of any response: ``GET <sidecar>/v1/requests/<id>``.
 * copies an ``X-Wattprint-Stratum`` request header into the JSON body as ``vllm_xargs.stratum`` when
   the body does not set one (the engine hook reads it from the sampling params' ``extra_args``).
@@ -32,12 +33,12 @@ import os
 import uuid
 from urllib.parse import quote
 
+from wattprint.profiler.vllm.ids import RESPONSE_ID_PREFIXES
+
 log = logging.getLogger(__name__)
 
 ENV_ENERGY_URL = "WATTPRINT_ENERGY_URL"
 DEFAULT_ENERGY_URL = "http://127.0.0.1:9464"
-#: request path -> the prefix vLLM gives the OpenAI response id
-ENDPOINTS = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}
 HEADER_REQUEST_ID = b"x-wattprint-request-id"
 HEADER_ENERGY_URL = b"x-wattprint-energy-url"
 HEADER_STRATUM = b"x-wattprint-stratum"
@@ -102,7 +103,7 @@ class WattprintMiddleware:
         path = scope.get("path") or ""
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
-        return ENDPOINTS.get(path)
+        return RESPONSE_ID_PREFIXES.get(path)
 
     async def _prepare(self, scope, receive, consumed: list, prefix: str):
         """Read the body, decide the response id, rewrite the stratum. Returns (scope, receive, id)."""

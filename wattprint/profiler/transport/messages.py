@@ -9,7 +9,8 @@ which on Linux is one clock for every process of the machine, the clock the mete
   hook's running count of records it had to drop because the queue was full.
 
 The hook never blocks: it sends with ``zmq.NOBLOCK`` into a bounded queue (``SNDHWM``) and counts what
-it drops; ZeroMQ reconnects by itself when a sidecar binds the address again.
+it drops; ZeroMQ reconnects by itself when a sidecar binds the address again
+(:mod:`wattprint.profiler.transport.sender`).
 """
 
 from __future__ import annotations

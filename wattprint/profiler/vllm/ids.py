@@ -1,20 +1,30 @@
-"""vLLM's request-id formats, in one place (no vLLM import: the sidecar and the HTTP middleware use it).
+"""vLLM's request-id formats, in one place.
 
-vLLM turns the OpenAI response id ``chatcmpl-X`` / ``cmpl-X`` into engine request ids
-``chatcmpl-X-<8 hex>``, ``cmpl-X-<prompt index>-<8 hex>``, and ``<i>_chatcmpl-X...`` for
-parallel-sampling children (``n > 1``). vLLM >= 0.11 appends the ``-<8 hex>`` suffix to the id the
-caller gave (``InputProcessor.assign_request_id``).
+Nothing here imports vLLM at module level: the sidecar and the HTTP middleware use this module without
+vLLM; only :func:`ids_randomized` asks the installed vLLM (in the engine process, for the hook).
+
+* The OpenAI server gives its answers the response ids ``chatcmpl-<X>`` (``/v1/chat/completions``) and
+  ``cmpl-<X>`` (``/v1/completions``), ``<X>`` from the ``X-Request-Id`` header, else the body's
+  ``request_id``, else a random uuid (:data:`RESPONSE_ID_PREFIXES`).
+* It hands the engine the request ids ``chatcmpl-<X>`` and ``cmpl-<X>-<prompt index>``;
+  ``LLM.generate`` hands it ``RequestOutput.request_id`` (``"0"``, ``"1"``, ...). Parallel-sampling
+  children (``n > 1``) get the prefix ``"<index>_"``.
+* Recent vLLM (whose ``EngineCoreRequest`` has an ``external_req_id`` field, >= 0.11) appends ``-`` and
+  8 random lower-case hex digits to that id (``InputProcessor.assign_request_id``), unless
+  ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set (to anything but ``0``). The hook strips them
+  (:func:`strip_random_suffix`), so step records carry the id the caller gave; the sidecar maps an
+  engine id back to every client-visible id it answers to (:func:`request_aliases`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 #: OpenAI endpoint -> the prefix of the response ids vLLM gives its answers
 RESPONSE_ID_PREFIXES = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}
 
 _HEX = frozenset("0123456789abcdef")
-_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")  # vLLM >= 0.11 appends "-<8 hex>" to external ids
 _CHILD_PREFIX = re.compile(r"^\d+_")  # parallel sampling (n > 1): "<index>_<parent id>"
 _PROMPT_INDEX = re.compile(r"^(cmpl-.+)-\d+$")  # /v1/completions: "<response id>-<prompt index>"
 
@@ -29,10 +39,24 @@ def strip_random_suffix(rid: str) -> str:
 def request_aliases(engine_id: str) -> list[str]:
     """The client-visible ids an engine request id answers to, most specific first."""
     out = []
-    rid = engine_id
-    for pattern, repl in ((_ENGINE_SUFFIX, ""), (_CHILD_PREFIX, ""), (_PROMPT_INDEX, r"\1")):
+    rid = strip_random_suffix(engine_id)
+    if rid != engine_id:
+        out.append(rid)
+    for pattern, repl in ((_CHILD_PREFIX, ""), (_PROMPT_INDEX, r"\1")):
         new = pattern.sub(repl, rid)
         if new != rid and new:
             out.append(new)
             rid = new
     return out
+
+
+def ids_randomized() -> bool:
+    """Whether the installed vLLM appends a random suffix to request ids (it has ``external_req_id``,
+    and the randomization is not disabled by ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION``)."""
+    try:
+        from vllm.v1.engine import EngineCoreRequest
+    except Exception:  # noqa: BLE001
+        return False
+    if "external_req_id" not in getattr(EngineCoreRequest, "__struct_fields__", ()):
+        return False
+    return os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0") in ("", "0")

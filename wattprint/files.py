@@ -18,9 +18,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -28,3 +26,16 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would briefly set it for every
+    thread of the process, the inference engine's included)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

@@ -13,8 +13,9 @@ from wattprint.profiler.core.results import RequestResult, Totals
 
 
 def conservation_error(totals: Totals) -> float:
-    """|attributed + idle - measured| / measured (0 when nothing was measured and nothing given)."""
-    gap = abs(totals.attributed_j + totals.idle_j - totals.measured_j)
+    """|attributed + idle - measured - extrapolated| / measured (the absolute gap when nothing was
+    measured)."""
+    gap = abs(totals.attributed_j + totals.idle_j - totals.measured_j - totals.extrapolated_j)
     return gap / totals.measured_j if totals.measured_j > 0 else gap
 
 

@@ -27,8 +27,12 @@ class OnlineDevice:
         return self.track.resets
 
     def observe(self, t: float, raw_e: float) -> None:
+        first = self.track.value_j is None
         cp = self.track.feed(t, raw_e)
-        if cp is not None:
+        if first:  # the first sample bounds the energy up to its time (the edge rule, as offline)
+            self.b_t.append(t)
+            self.b_e.append(raw_e)
+        elif cp is not None:
             self.b_t.append(cp.t_pub_s)
             self.b_e.append(cp.energy_j)
 

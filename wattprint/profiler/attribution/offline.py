@@ -13,7 +13,12 @@ from wattprint.profiler.attribution.coefficients import Coefficients, prior_coef
 from wattprint.profiler.attribution.columns import columns_from_steps
 from wattprint.profiler.attribution.features import FAR_PAST_S
 from wattprint.profiler.attribution.fit import fit_device
-from wattprint.profiler.attribution.settle import block_edges, settle_device
+from wattprint.profiler.attribution.settle import (
+    block_edges,
+    extrapolate_after,
+    settle_device,
+    with_first_sample,
+)
 from wattprint.profiler.attribution.split import split_steps
 from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
 from wattprint.profiler.core.costmodel import ModelGeometry
@@ -48,6 +53,10 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
               coefficients: Sequence[Coefficients] | None = None) -> Attribution:
     """Offline attribution of a whole trace (one global fit per device).
 
+    Edges: a device's first sample bounds the energy up to its time (it starts the first counter
+    interval); steps after the counter's last change get the fitted model's prediction, reported as
+    ``extrapolated_j`` (outside ``measured_j``). Only steps wholly outside the samples are refused.
+
     ``coefficients``: one per device, used as they are instead of fitting (to compare drivers).
     """
     entries = None
@@ -65,17 +74,19 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
     step_energy = np.zeros(len(cols.t_start))
-    idle_j = measured_j = 0.0
+    idle_j = measured_j = extrapolated_j = 0.0
     e_flop_step = np.zeros(len(cols.t_start))
     e_byte = 0.0
     fits, dev_measured, window = [], [], [math.inf, -math.inf]
     for d, (t, e) in sorted(devices.items()):
         b_t, b_e, resets = change_points(t, e, publish_mode(source))
-        if len(b_t) < 2 or b_t[0] > t_first or b_t[-1] < t_last:
-            have = f"[{b_t[0]:.3f}, {b_t[-1]:.3f}] s" if len(b_t) else "no counter change at all"
+        outside = int(np.count_nonzero((cols.t_end < t[0]) | (cols.t_start > t[-1])))
+        if len(b_t) == 0 or outside:
+            have = f"samples span [{t[0]:.3f}, {t[-1]:.3f}] s" if len(b_t) else "the counter never changes"
             raise InputError(
-                f"energy of device {d} does not cover the steps: counter changes span {have}, "
-                f"steps span [{t_first:.3f}, {t_last:.3f}] s", energy_path)
+                f"energy of device {d} does not cover the steps: {have}, steps span "
+                f"[{t_first:.3f}, {t_last:.3f}] s ({outside} step(s) wholly outside the samples)", energy_path)
+        b_t, b_e = with_first_sample(b_t, b_e, float(t[0]), float(e[0]))
         origin = float(b_t[0])
         if coefficients is None:
             coef, info = fit_device(cols, prior_coefficients(hw, n_dev), b_t, b_e, origin)
@@ -85,7 +96,9 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         fits.append(info)
         edges = block_edges(b_t, window_s)
         energy, idle = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
-        step_energy += energy
+        tail = extrapolate_after(cols, coef, float(b_t[-1]))
+        extrapolated_j += float(tail.sum())
+        step_energy += energy + tail
         idle_j += float(idle.sum())
         m = float(b_e[-1] - b_e[0])
         measured_j += m
@@ -100,6 +113,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         measured_j=measured_j, attributed_j=0.0, idle_j=idle_j, source=source,
         t_start=window[0], t_end=window[1], requests=len(results), steps=len(cols.t_start),
         device_measured_j=dev_measured, coefficients=fits[0] if len(fits) == 1 else {"devices": fits},
+        extrapolated_j=extrapolated_j,
     )
     add_breakdowns(totals, cols, split, table)
     return Attribution(results, totals, step_energy, fits)

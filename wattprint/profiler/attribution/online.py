@@ -12,7 +12,7 @@ from wattprint.profiler.attribution.coefficients import Coefficients, prior_coef
 from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
 from wattprint.profiler.attribution.devices import OnlineDevice
 from wattprint.profiler.attribution.features import FAR_PAST_S
-from wattprint.profiler.attribution.settle import settle_device
+from wattprint.profiler.attribution.settle import extrapolate_after, settle_device
 from wattprint.profiler.attribution.split import split_steps
 from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
 from wattprint.profiler.core.costmodel import ModelGeometry
@@ -126,14 +126,17 @@ class OnlineAttributor:
         return self.table.result(k, self.source, self.model, status="provisional")
 
     def finish(self) -> list[RequestResult]:
-        """Shut down: settle what the counters cover (a last block may be short), then report every
-        request still held (``provisional`` if its steps reach past the last counter change)."""
+        """Shut down: settle what the counters cover (a last block may be short), give steps past the
+        counter's last change the fitted model's prediction (``extrapolated_j``, as offline), then
+        report every request still held (``provisional`` unless it finished)."""
         out = self.advance(math.inf)
         self._flushing = True
         try:
             out += self.advance(math.inf)
         finally:
             self._flushing = False
+        if self._steps and self._settled_until is not None:
+            self._extrapolate_tail(self._settled_until)
         unsettled = {self.table.slots[r.id] for s in self._steps for r in s.requests}
         for k in range(len(self.table.ids)):
             if k not in self._emitted:
@@ -141,6 +144,15 @@ class OnlineAttributor:
                 out.append(self.table.result(k, self.source, self.model, status="final" if final else "provisional"))
                 self._emitted.add(k)
         return out
+
+    def _extrapolate_tail(self, t_from: float) -> None:
+        cols = columns_from_steps(self._steps, self.g, self.table.slots, self.table.ids)
+        self.table.ensure(len(self.table.ids))
+        tail = sum(extrapolate_after(cols, dev.coef, t_from) for dev in self._dev)
+        e_flop = sum(dev.coef.flop_energy_j(cols) for dev in self._dev)
+        e_byte = sum(dev.coef.energy_per_byte_j for dev in self._dev)
+        self._totals.extrapolated_j += float(tail.sum())
+        self._account(cols, tail, e_flop, e_byte, math.inf)
 
     # ---- internals
     def _block_edges(self, now_s: float) -> tuple[float, float] | None:

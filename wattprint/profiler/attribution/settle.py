@@ -60,3 +60,21 @@ def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: n
                 parts += (hi - lo) / dt[i] * scale[j]
         energy[i] = pred[i] * parts
     return energy, idle
+
+
+def extrapolate_after(cols: StepColumns, coef: Coefficients, t_from: float) -> np.ndarray:
+    """The model's prediction for each step's part after ``t_from`` (the counter's last change: no
+    measurement covers it). Reported as extrapolated, never as measured."""
+    pred, _ = coef.step_energy(cols)
+    dt = np.maximum(cols.t_end - cols.t_start, 1e-12)
+    after = np.clip((cols.t_end - np.maximum(cols.t_start, t_from)) / dt, 0.0, 1.0)
+    after = np.where(cols.t_end - cols.t_start > 0, after, (cols.t_start >= t_from).astype(float))
+    return pred * after
+
+
+def with_first_sample(b_t: np.ndarray, b_e: np.ndarray, t0_s: float, e0_j: float) -> tuple[np.ndarray, np.ndarray]:
+    """A device's boundaries start at its first sample: the value read then bounds the energy up to
+    that time, so the interval up to the counter's first change is measured too (the edge rule)."""
+    if len(b_t) and b_t[0] <= t0_s:
+        return b_t, b_e
+    return np.concatenate([[t0_s], b_t]), np.concatenate([[e0_j], b_e])

@@ -41,7 +41,10 @@ class RequestResult(msgspec.Struct):
 
 
 class Totals(msgspec.Struct):
-    """Conservation at one instant: ``attributed_j + idle_j == measured_j``."""
+    """Conservation at one instant: ``attributed_j + idle_j == measured_j + extrapolated_j``.
+
+    ``extrapolated_j``: energy of steps after the counter's last change, predicted by the fitted model
+    (given to requests, never counted as measured)."""
 
     measured_j: float
     attributed_j: float
@@ -62,3 +65,4 @@ class Totals(msgspec.Struct):
     tokens_by_phase_stratum: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
     kv_read_bytes: float = 0.0
     kv_write_bytes: float = 0.0
+    extrapolated_j: float = 0.0

@@ -68,3 +68,34 @@ def test_request_metadata_rule_is_the_same_offline_and_online(llama8b, h100):
         assert got.stratum == "science"
         assert got.prompt_tokens == 99999
     assert np.isclose(off[target].energy_j, on[target].energy_j, rtol=1e-6)
+
+
+def test_edges_steps_inside_the_first_counter_period_and_past_the_last_change(llama8b, h100):
+    """Recording starts with the workload and stops mid-step: the head is measured from the first
+    sample, the tail is extrapolated by the model (``extrapolated_j``), both drivers alike."""
+    sim = simulate(llama8b, h100, WorkloadSpec(requests=60, rate_rps=8, seed=41, busy_s=6, quiet_s=0))
+    t0, t1 = sim.steps[0].t_start, sim.steps[-1].t_start
+    t_stop = min(e.t for e in sim.energy if e.t >= t1)  # the first poll after the last step began
+    energy = [e for e in sim.energy if t0 - 0.01 <= e.t <= t_stop]
+    first_change = next(e.t for a, e in zip(energy, energy[1:]) if e.energy_j != a.energy_j)
+    assert first_change > t0  # the first step starts inside the first counter period
+    coefs = [prior_coefficients(h100, 1)]
+    off = attribute(sim.steps, energy, llama8b, h100, source="simulated", coefficients=coefs)
+    t = off.totals
+    assert t.extrapolated_j > 0
+    assert sum(r.energy_j for r in off.requests) + t.idle_j == pytest.approx(t.measured_j + t.extrapolated_j,
+                                                                             rel=1e-9)
+    assert all(r.energy_j > 0 for r in off.requests)
+
+    class Trimmed:
+        pass
+
+    trimmed = Trimmed()
+    trimmed.energy, trimmed.steps = energy, sim.steps
+    on, on_totals = replay_online(trimmed, llama8b, h100, coefs)
+    online = {r.id: r for r in on}
+    for r in off.requests:
+        assert online[r.id].energy_j == pytest.approx(r.energy_j, rel=1e-6)
+    assert on_totals.extrapolated_j == pytest.approx(t.extrapolated_j, rel=1e-6)
+    fitted = attribute(sim.steps, energy, llama8b, h100, source="simulated")
+    assert fitted.totals.extrapolated_j > 0

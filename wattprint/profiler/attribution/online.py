@@ -137,6 +137,8 @@ class OnlineAttributor:
             self._flushing = False
         if self._steps and self._settled_until is not None:
             self._extrapolate_tail(self._settled_until)
+            out += self._pending_results
+            self._pending_results = []
         unsettled = {self.table.slots[r.id] for s in self._steps for r in s.requests}
         for k in range(len(self.table.ids)):
             if k not in self._emitted:

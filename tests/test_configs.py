@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wattprint.commands.sidecar import add_arguments as add_sidecar_arguments
 from wattprint.exporters import http as wp_http
+from wattprint.profiler.sidecar.daemon import Sidecar
 from wattprint.profiler.transport import messages as transport
-from wattprint.profiler.sidecar.daemon import Sidecar, add_sidecar_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "configs" / "prometheus"

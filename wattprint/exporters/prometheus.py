@@ -5,7 +5,7 @@
 instant, so that within one exposition::
 
     sum(wattprint_energy_joules_total) + wattprint_idle_energy_joules_total
-        == sum(wattprint_device_energy_joules_total)
+        == sum(wattprint_device_energy_joules_total) + wattprint_extrapolated_energy_joules_total
 
 (up to float rounding). Conventions (``facts.md``): base units in names, ``_total`` on counters, bounded
 label values only. A request id is never a label: it is the exemplar of the histogram bucket the
@@ -143,6 +143,15 @@ class WattprintCollector:
             unit="joules",
         )
         m.add_metric([], idle_j)
+        out.append(m)
+
+        m = CounterMetricFamily(
+            "wattprint_extrapolated_energy_joules",
+            f"Energy given to requests for steps after the counter's last change, predicted by the fitted "
+            f"model at shutdown: an estimate, never counted as measured ({note}).",
+            unit="joules",
+        )
+        m.add_metric([], sum(float(t.extrapolated_j) for t in snap.model_totals.values()))
         out.append(m)
 
         # -- attributed breakdowns, per served model, strata normalised

@@ -58,6 +58,21 @@ def test_conservation_exact(run):
     for r in a.requests:
         assert r.prefill_j + r.decode_j == pytest.approx(r.energy_j, rel=1e-12, abs=1e-12)
         assert 0 <= r.kv_j <= r.energy_j
+        assert r.compute_j + r.weights_j + r.kv_j + r.static_j == pytest.approx(r.energy_j, rel=1e-9)
+
+
+def test_kv_joules_are_the_kv_traffics_own_energy(run):
+    """Convention v2: the KV column carries no share of static power (it did in v1: about twice the
+    traffic's own energy on this model), and the static column holds static power x busy time."""
+    sim, a = run
+    t = a.totals
+    assert t.static_j > t.kv_j > 0 and t.compute_j > 0 and t.weights_j > 0
+    busy_s = sum(s.t_end - s.t_start for s in sim.steps)
+    n_dev = len({e.device for e in sim.energy})
+    static_w = t.static_j / (busy_s * n_dev)
+    assert 0.7 * 150 < static_w < 1.3 * 150  # the twin's static power (h100-sxm profile: 150 W) per device
+    truth_kv = sum(x.kv_j for x in sim.truth.values())
+    assert rel(t.kv_j, truth_kv) <= 0.05
 
 
 def test_per_request_energy_accuracy(run):

@@ -2,6 +2,7 @@
 every measured joule goes to exactly one request or to idle, and no request gets negative energy."""
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,3 +61,7 @@ def test_conservation_and_non_negativity(llama8b, h100, trace, scale, fu):
         for r in res.requests:
             assert r.energy_j >= 0 and r.prefill_j >= 0 and r.decode_j >= 0
             assert np.isfinite(r.energy_j)
+            parts = (r.compute_j, r.weights_j, r.kv_j, r.static_j)
+            assert min(parts) >= 0
+            assert sum(parts) == pytest.approx(r.energy_j, rel=1e-9, abs=1e-12)
+        assert t.compute_j + t.weights_j + t.kv_j + t.static_j == pytest.approx(t.attributed_j, rel=1e-9, abs=1e-9)

@@ -38,6 +38,7 @@ from wattprint.profiler.meters.base import is_measured
 DROP_REASONS = ("queue_full", "hook_queue_full", "decode_error", "invalid", "no_hello", "unsupported_model",
                 "internal_error")
 PHASES = ("prefill", "decode")
+COMPONENTS = ("compute", "weights", "kv", "static")
 
 # ----------------------------------------------------------------------------------------- snapshot
 @dataclass
@@ -189,6 +190,17 @@ class WattprintCollector:
             labels=["model", "stratum"], unit="joules",
         )
         out.append(_labelled(m, kv))
+
+        m = CounterMetricFamily(
+            "wattprint_component_energy_joules",
+            f"wattprint_energy_joules_total by component (convention v2, {note}): compute (dynamic energy of "
+            "FLOPs), weights (reading the weights), kv (the KV traffic's own dynamic energy), static (static "
+            "power while busy).",
+            labels=["model", "component"], unit="joules",
+        )
+        components = {(model, c): float(getattr(t, f"{c}_j")) for model, t in snap.model_totals.items()
+                      for c in COMPONENTS}
+        out.append(_labelled(m, components))
 
         m = CounterMetricFamily(
             "wattprint_kv_cache_bytes",

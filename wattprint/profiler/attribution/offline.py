@@ -74,6 +74,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
     step_energy = np.zeros(len(cols.t_start))
+    step_static = np.zeros(len(cols.t_start))
     idle_j = measured_j = extrapolated_j = 0.0
     e_flop_step = np.zeros(len(cols.t_start))
     e_byte = 0.0
@@ -95,10 +96,11 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         info.update(device=d, counter_resets=resets, **coef.as_dict())
         fits.append(info)
         edges = block_edges(b_t, window_s)
-        energy, idle = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
-        tail = extrapolate_after(cols, coef, float(b_t[-1]))
+        energy, idle, static = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
+        tail, tail_static = extrapolate_after(cols, coef, float(b_t[-1]))
         extrapolated_j += float(tail.sum())
         step_energy += energy + tail
+        step_static += static + tail_static
         idle_j += float(idle.sum())
         m = float(b_e[-1] - b_e[0])
         measured_j += m
@@ -106,7 +108,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         e_flop_step += coef.flop_energy_j(cols)
         e_byte += coef.energy_per_byte_j
         window = [min(window[0], origin), max(window[1], float(b_t[-1]))]
-    split = split_steps(cols, g, step_energy, e_flop_step, e_byte)
+    split = split_steps(cols, g, step_energy, step_static, e_flop_step, e_byte)
     table.add(cols, split)
     results = [table.result(k, source, model_name) for k in range(len(table.ids))]
     totals = Totals(

@@ -150,11 +150,12 @@ class OnlineAttributor:
     def _extrapolate_tail(self, t_from: float) -> None:
         cols = columns_from_steps(self._steps, self.g, self.table.slots, self.table.ids)
         self.table.ensure(len(self.table.ids))
-        tail = sum(extrapolate_after(cols, dev.coef, t_from) for dev in self._dev)
+        parts = [extrapolate_after(cols, dev.coef, t_from) for dev in self._dev]
+        tail, static = sum(p[0] for p in parts), sum(p[1] for p in parts)
         e_flop = sum(dev.coef.flop_energy_j(cols) for dev in self._dev)
         e_byte = sum(dev.coef.energy_per_byte_j for dev in self._dev)
         self._totals.extrapolated_j += float(tail.sum())
-        self._account(cols, tail, e_flop, e_byte, math.inf)
+        self._account(cols, tail, static, e_flop, e_byte, math.inf)
 
     # ---- internals
     def _block_edges(self, now_s: float) -> tuple[float, float] | None:
@@ -188,6 +189,7 @@ class OnlineAttributor:
         cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None
         self.table.ensure(len(self.table.ids))
         step_energy = np.zeros(len(steps))
+        step_static = np.zeros(len(steps))
         e_flop = np.zeros(len(steps))
         e_byte = 0.0
         tot = self._totals
@@ -197,9 +199,10 @@ class OnlineAttributor:
             if cols is not None:
                 b_t, b_e = dev.boundaries_between(start, end)
                 dev.update_fit(cols, b_t, b_e, start, self._prev_end, self.half_life_s)
-                energy, idle = settle_device(cols, dev.coef, np.array([start, end]), np.array([e0, e1]),
-                                             start, self._prev_end)
+                energy, idle, static = settle_device(cols, dev.coef, np.array([start, end]),
+                                                     np.array([e0, e1]), start, self._prev_end)
                 step_energy += energy
+                step_static += static
                 e_flop += dev.coef.flop_energy_j(cols)
                 e_byte += dev.coef.energy_per_byte_j
                 tot.idle_j += float(idle.sum())
@@ -213,13 +216,13 @@ class OnlineAttributor:
         tot.t_end = end
         self._settled_until = end
         if cols is not None:
-            self._account(cols, step_energy, e_flop, e_byte, end)
+            self._account(cols, step_energy, step_static, e_flop, e_byte, end)
         tot.coefficients = self.coefficients
         return True
 
-    def _account(self, cols: StepColumns, step_energy: np.ndarray, e_flop: np.ndarray, e_byte: float,
-                 end: float) -> None:
-        split = split_steps(cols, self.g, step_energy, e_flop, e_byte)
+    def _account(self, cols: StepColumns, step_energy: np.ndarray, step_static: np.ndarray, e_flop: np.ndarray,
+                 e_byte: float, end: float) -> None:
+        split = split_steps(cols, self.g, step_energy, step_static, e_flop, e_byte)
         done = cols.t_end <= end  # steps wholly settled: their tokens, bytes and FLOPs count now
         count = done[cols.step_of]
         self.table.add(cols, split, count_tokens=count)

@@ -27,11 +27,12 @@ def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
 
 
 def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: np.ndarray,
-                  origin: float, prev_end: float) -> tuple[np.ndarray, np.ndarray]:
+                  origin: float, prev_end: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Give each block's measured energy (between block edges ``e_t`` with counter values ``e_j``)
     to the steps and gaps in it, in proportion to the model's prediction.
 
-    Returns (energy of each step's part inside [e_t[0], e_t[-1]], idle joules per block).
+    Returns (energy of each step's part inside [e_t[0], e_t[-1]], idle joules per block, the static
+    part of each step's energy: fitted static power × the step's duration inside, at most its energy).
     """
     pred, _ = coef.step_energy(cols)
     cv, ci, cd = cumulative(e_t, cols.t_start, cols.t_end, pred[:, None], coef.tau_s, origin, prev_end)
@@ -59,17 +60,23 @@ def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: n
             if hi > lo:
                 parts += (hi - lo) / dt[i] * scale[j]
         energy[i] = pred[i] * parts
-    return energy, idle
+    return energy, idle, static_part(coef, dt * inside, energy)
 
 
-def extrapolate_after(cols: StepColumns, coef: Coefficients, t_from: float) -> np.ndarray:
+def static_part(coef: Coefficients, seconds: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    """A step's static energy (convention v2): fitted static power × its duration, at most its energy."""
+    return np.minimum(coef.static_power_w * seconds, energy)
+
+
+def extrapolate_after(cols: StepColumns, coef: Coefficients, t_from: float) -> tuple[np.ndarray, np.ndarray]:
     """The model's prediction for each step's part after ``t_from`` (the counter's last change: no
-    measurement covers it). Reported as extrapolated, never as measured."""
+    measurement covers it), and its static part. Reported as extrapolated, never as measured."""
     pred, _ = coef.step_energy(cols)
     dt = np.maximum(cols.t_end - cols.t_start, 1e-12)
     after = np.clip((cols.t_end - np.maximum(cols.t_start, t_from)) / dt, 0.0, 1.0)
     after = np.where(cols.t_end - cols.t_start > 0, after, (cols.t_start >= t_from).astype(float))
-    return pred * after
+    energy = pred * after
+    return energy, static_part(coef, dt * after, energy)
 
 
 def with_first_sample(b_t: np.ndarray, b_e: np.ndarray, t0_s: float, e0_j: float) -> tuple[np.ndarray, np.ndarray]:

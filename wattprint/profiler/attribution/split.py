@@ -1,4 +1,15 @@
-"""The split of each step's energy between its requests (the public convention, docs/attribution.md)."""
+"""The split of each step's energy between its requests and into components (the public convention,
+docs/attribution.md).
+
+v1 (unchanged): request r's share of a step's energy E is ``E·d_r/Σd`` with
+``d_r = e_flop·F_r + e_byte·KV_r + e_byte·W·T_r/T_step``.
+
+v2 components of that share: the step's static energy S (fitted static power × duration, at most E)
+is shared by ``d_r/Σd``; the dynamic rest ``E − S`` is shared in proportion to each predicted dynamic
+part, so ``compute_j = (E−S)/Σd · e_flop·F_r``, ``kv_j = (E−S)/Σd · e_byte·KV_r`` (the KV traffic's own
+dynamic energy, scaled by the step's measured-to-predicted dynamic ratio), ``weights_j = (E−S)/Σd ·
+e_byte·W·T_r/T_step`` and ``static_j = S·d_r/Σd``; they add up to the v1 share.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +23,48 @@ from wattprint.profiler.core.costmodel import ModelGeometry
 
 @dataclass
 class EntrySplit:
-    """Per request-step entry: energy share, its KV part, and whether it counts as prefill."""
+    """Per request-step entry: energy share, its v2 components, and whether it counts as prefill."""
 
     energy: np.ndarray
+    compute: np.ndarray
+    weights: np.ndarray
     kv: np.ndarray
+    static: np.ndarray
     is_prefill: np.ndarray
 
 
-def split_steps(cols: StepColumns, g: ModelGeometry, step_energy: np.ndarray,
+def split_steps(cols: StepColumns, g: ModelGeometry, step_energy: np.ndarray, step_static: np.ndarray,
                 e_flop_step: np.ndarray, e_byte: float) -> EntrySplit:
-    """The v1 convention: a step's energy split by d_r / Σd.
+    """Split each step's energy between its entries (v1) and into components (v2).
 
     Every joule given to a step reaches its entries: a step whose entries' predicted costs are all 0
-    (a degenerate fit) is split by new tokens (by entry where it has none).
+    (a degenerate fit) is split by new tokens (by entry where it has none); its dynamic rest is then
+    counted as compute.
     """
     so = cols.step_of
-    kv_j = e_byte * (cols.kv_read + cols.kv_write)  # e_byte·(KV read + KV write)
-    # d_r = e_flop·F + e_byte·KV + e_byte·W·T/T_step, built in place
-    d = e_flop_step[so]
-    d *= cols.flops
-    d += kv_j
-    d += (e_byte * g.weight_bytes / cols.step_tokens)[so] * (cols.prefill + cols.decode)
-    dsum = np.bincount(so, d, minlength=len(cols.t_start))
-    ok = dsum > 0
+    n_steps = len(cols.t_start)
+    new = (cols.prefill + cols.decode).astype(float)
+    compute = e_flop_step[so] * cols.flops
+    kv = e_byte * (cols.kv_read + cols.kv_write)
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_d = np.where(ok, step_energy / dsum, 0.0)  # joules per unit of d, per step
-    share = per_d[so] * d
-    kv = per_d[so] * kv_j  # = share · e_byte·KV / d_r
+        weights = (e_byte * g.weight_bytes / cols.step_tokens)[so] * new
+    weights = np.nan_to_num(weights, nan=0.0, posinf=0.0)
+    d = compute + kv + weights
+    dsum = np.bincount(so, d, minlength=n_steps)
+    ok = dsum > 0
+    static = np.minimum(step_static, step_energy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_d = np.where(ok, (step_energy - static) / dsum, 0.0)[so]  # dynamic joules per unit of d
+        static_per_d = np.where(ok, static / dsum, 0.0)[so]
+    out = EntrySplit(energy=np.empty(0), compute=per_d * compute, weights=per_d * weights, kv=per_d * kv,
+                     static=static_per_d * d, is_prefill=cols.prefill > 0)
     if not ok.all():
         bad = ~ok[so]
-        new = (cols.prefill + cols.decode).astype(float)
-        weight = np.where(cols.step_tokens[so] > 0, new, 1.0)
-        wsum = np.bincount(so, np.where(bad, weight, 0.0), minlength=len(cols.t_start))
+        w = np.where(bad, np.where(cols.step_tokens[so] > 0, new, 1.0), 0.0)
+        wsum = np.bincount(so, w, minlength=n_steps)
         with np.errstate(divide="ignore", invalid="ignore"):
-            share[bad] = (step_energy / wsum)[so][bad] * weight[bad]
-    return EntrySplit(share, kv, cols.prefill > 0)
+            frac = np.where(wsum > 0, 1.0 / wsum, 0.0)[so] * w
+        out.static[bad] = (static[so] * frac)[bad]
+        out.compute[bad] = ((step_energy - static)[so] * frac)[bad]
+    out.energy = out.compute + out.weights + out.kv + out.static
+    return out

@@ -16,8 +16,9 @@ from wattprint.profiler.core.results import RequestResult, Totals
 class RequestTable:
     """Running per-request sums, in slots (arrays grow as requests appear)."""
 
-    FIELDS = ("energy_j", "prefill_j", "decode_j", "kv_j", "kv_read_bytes", "kv_write_bytes", "flops",
-              "prefill_tokens", "decode_tokens", "t_start", "t_end", "prompt_tokens")
+    FIELDS = ("energy_j", "prefill_j", "decode_j", "kv_j", "compute_j", "weights_j", "static_j",
+              "kv_read_bytes", "kv_write_bytes", "flops", "prefill_tokens", "decode_tokens", "t_start", "t_end",
+              "prompt_tokens")
 
     def __init__(self):
         self.ids: list[str] = []
@@ -39,8 +40,7 @@ class RequestTable:
     def col(self, name: str) -> np.ndarray:
         return self.data[self._col[name]]
 
-    def add(self, cols: StepColumns, split: EntrySplit, frac_in: np.ndarray | None = None,
-            count_tokens: np.ndarray | None = None) -> None:
+    def add(self, cols: StepColumns, split: EntrySplit, count_tokens: np.ndarray | None = None) -> None:
         """Add entries' energy (already scaled) and, where ``count_tokens``, their tokens/bytes/FLOPs."""
         n = len(self.ids)
         self.ensure(n)
@@ -50,7 +50,9 @@ class RequestTable:
         self.col("energy_j")[:n] += bc(req, split.energy, n)
         self.col("prefill_j")[:n] += bc(req, e_pre, n)
         self.col("decode_j")[:n] += bc(req, split.energy - e_pre, n)
-        self.col("kv_j")[:n] += bc(req, split.kv, n)
+        for name, part in (("kv_j", split.kv), ("compute_j", split.compute), ("weights_j", split.weights),
+                           ("static_j", split.static)):
+            self.col(name)[:n] += bc(req, part, n)
         w = np.ones(len(req)) if count_tokens is None else count_tokens.astype(float)
         if w.any():
             self.col("kv_read_bytes")[:n] += bc(req, cols.kv_read * w, n)
@@ -92,7 +94,8 @@ class RequestTable:
         output = int(d["decode_tokens"]) + (1 if done_prefill else 0)
         return RequestResult(
             id=self.ids[slot], energy_j=d["energy_j"], prefill_j=d["prefill_j"], decode_j=d["decode_j"],
-            kv_j=d["kv_j"], kv_read_bytes=d["kv_read_bytes"], kv_write_bytes=d["kv_write_bytes"],
+            kv_j=d["kv_j"], compute_j=d["compute_j"], weights_j=d["weights_j"], static_j=d["static_j"],
+            kv_read_bytes=d["kv_read_bytes"], kv_write_bytes=d["kv_write_bytes"],
             prompt_tokens=prompt, output_tokens=output, flops=d["flops"], stratum=self.stratum.get(slot),
             source=source, t_start=d["t_start"] if math.isfinite(d["t_start"]) else None,
             t_end=d["t_end"] if math.isfinite(d["t_end"]) else None, model=model, status=status,
@@ -110,6 +113,9 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
     tot.prefill_j += pre
     tot.decode_j += attributed - pre
     tot.kv_j += float(split.kv.sum())
+    tot.compute_j += float(split.compute.sum())
+    tot.weights_j += float(split.weights.sum())
+    tot.static_j += float(split.static.sum())
     tot.kv_read_bytes += float(cols.kv_read[cnt].sum())
     tot.kv_write_bytes += float(cols.kv_write[cnt].sum())
     # per stratum: index requests by stratum, then bincount entries (vectorised)

@@ -7,7 +7,8 @@ import msgspec
 
 
 class RequestResult(msgspec.Struct):
-    """One request's energy. ``prefill_j + decode_j == energy_j``; ``kv_j`` is part of it."""
+    """One request's energy. ``prefill_j + decode_j == energy_j`` (phases) and
+    ``compute_j + weights_j + kv_j + static_j == energy_j`` (components, convention v2)."""
 
     id: str
     energy_j: float
@@ -27,6 +28,9 @@ class RequestResult(msgspec.Struct):
     status: str = "final"  # "final", or "provisional" while the request is still running / not yet settled
     flops_per_j: float | None = None  # model FLOPs per attributed joule
     efficiency_class: str | None = None  # A-G (configs/efficiency.yaml)
+    compute_j: float = 0.0  # v2 components: dynamic energy of the request's FLOPs,
+    weights_j: float = 0.0  # of its share of reading the weights,
+    static_j: float = 0.0  # and its share of the step's static power (kv_j: its KV traffic's own)
 
     @property
     def j_per_output_token(self) -> float | None:
@@ -66,3 +70,6 @@ class Totals(msgspec.Struct):
     kv_read_bytes: float = 0.0
     kv_write_bytes: float = 0.0
     extrapolated_j: float = 0.0
+    compute_j: float = 0.0  # attributed energy by component (v2); kv_j is the fourth
+    weights_j: float = 0.0
+    static_j: float = 0.0

@@ -167,12 +167,14 @@ def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_dev
         t0, t1 = t, t + dt
         for tr in traces:
             twin.append_busy(tr, t0, t1, power)
-        # ground truth: the step's true energy split by the v1 convention with the step's true coefficients
+        # ground truth: the step's true energy split by the v1 convention with the step's true coefficients;
+        # its KV part by v2: the true dynamic energy (power above static) in proportion to the KV traffic
         phys = power * dt * n_devices
         sensor_j = phys  # scaled by gains below, once they are drawn
         d_r = e_flop * flops_r + e_byte * kv_r + e_byte * g.weight_bytes * new / T_step
         share = phys * d_r / d_r.sum()
-        kv_share = share * (e_byte * kv_r) / d_r
+        dynamic = max(phys - twin.profile.static_power_w * dt * n_devices, 0.0)
+        kv_share = dynamic * (e_byte * kv_r) / d_r.sum()
         entries = []
         for (r, n, prefill), sj, kj in zip(batch, share, kv_share):
             tr_ = truth[r.id]

@@ -88,7 +88,7 @@ def test_phase_kv_and_idle_accuracy(run):
     assert rel(sum(r.prefill_j for r in a.requests), sum(t.prefill_j for t in truth.values())) <= 0.02
     assert rel(sum(r.decode_j for r in a.requests), sum(t.decode_j for t in truth.values())) <= 0.02
     kv_err = np.array([rel(r.kv_j, truth[r.id].kv_j) for r in a.requests])
-    assert np.median(kv_err) <= 0.03
+    assert np.median(kv_err) <= 0.05  # convention v2 (the traffic's own energy): target 5 % (issue 8)
     assert rel(a.totals.idle_j, sim.truth_idle_j) <= 0.25
 
 
@@ -146,7 +146,8 @@ def test_online_rejects_out_of_order(llama8b, h100):
 
 def test_online_settles_a_request_aborted_between_steps(llama8b, h100):
     """A request that never gets a finished flag (aborted while not scheduled) is settled after a while."""
-    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=2.0)
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=2.0,
+                          fit_lookahead_s=0.5)
     e, t = 0.0, 0.0
     step = 0
     out = []

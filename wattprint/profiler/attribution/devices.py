@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from wattprint.profiler.attribution.coefficients import Coefficients
+from wattprint.profiler.attribution.coefficients import COEF_NAMES, Coefficients
 from wattprint.profiler.attribution.columns import StepColumns
-from wattprint.profiler.attribution.fit import NormalEquations, interval_design, solve
+from wattprint.profiler.attribution.fit import (
+    TAU_GRID_S,
+    NormalEquations,
+    fit_report,
+    interval_design,
+    prior_precision,
+    rss,
+    solve,
+)
 from wattprint.profiler.timeline.counter import CounterTrack
 
 
@@ -19,8 +27,11 @@ class OnlineDevice:
         self.track = CounterTrack(publish)
         self.b_t: list[float] = []  # estimated publish times of the counter's changes
         self.b_e: list[float] = []  # stitched cumulative joules there
-        self.ne = NormalEquations()
         self._prior = coef.theta
+        self._lam = prior_precision(coef)
+        #: one set of sufficient statistics per idle-decay time constant: tau is fitted online too
+        self._ne = {tau: NormalEquations() for tau in TAU_GRID_S}
+        self.report: dict = {"fitted": [], "from_profile": list(COEF_NAMES)}
 
     @property
     def resets(self) -> int:
@@ -55,10 +66,24 @@ class OnlineDevice:
 
     def update_fit(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, origin: float,
                    prev_end: float, half_life_s: float) -> None:
+        """Add a settled block's counter intervals to the running fit (forgetting with ``half_life_s``)
+        and re-solve for every grid time constant; keep the one with the least residual."""
         if not self.fit or len(b_t) < 3:
             return
         _, capped = self.coef.step_energy(cols)
-        X, y = interval_design(cols, self.coef, b_t, b_e, origin, prev_end, capped)
-        self.ne.add(X, y, 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s))
-        if self.ne.n >= 20:
-            self.coef = self.coef.with_theta(solve(self.ne, self._prior))
+        decay = 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s)
+        for tau, ne in self._ne.items():
+            X, y = interval_design(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end,
+                                   capped)
+            ne.add(X, y, decay)
+        if next(iter(self._ne.values())).n < 20:
+            return
+        best = None
+        for tau, ne in self._ne.items():
+            theta = solve(ne, self._prior, self._lam)
+            r = rss(ne, theta)
+            if best is None or r < best[0]:
+                best = (r, theta, tau, ne)
+        _, theta, tau, ne = best
+        self.coef = self.coef.with_theta(theta, tau)
+        self.report = fit_report(ne, self._lam)

@@ -31,12 +31,55 @@ class NormalEquations:
         self.n = decay * self.n + len(y)
 
 
-def solve(ne: NormalEquations, prior: np.ndarray, strength: float = 1e-3) -> np.ndarray:
-    """Ridge toward the prior under physical constraints (an active set): every coefficient >= 0 but
-    the utilisation slope, which may be negative only as far as ``e_f + e_fu·u >= 0`` for every
-    utilisation ``u`` in [0, 1]."""
-    diag = np.diag(ne.xtx).copy()
-    lam = strength * np.maximum(diag, 1e-30) + 1e-30
+#: the hardware profile's stated uncertainty (1 sigma, relative to each coefficient; the utilisation
+#: slope's relative to e_f): coefficients the data cannot determine stay there
+PRIOR_REL_SIGMA = np.array([0.25, 0.5, 0.5, 0.5, 0.25, 0.5])
+#: floors of those sigmas (W, J/FLOP, J/FLOP, J/B, W, W), for a profile value of 0
+PRIOR_SIGMA_FLOOR = np.array([1.0, 1e-16, 1e-16, 1e-14, 1.0, 1.0])
+#: a regression row's energy is uncertain by about this long at TDP (the publish-time error of the
+#: counter's changes at either end of the row)
+ROW_NOISE_S = 0.01
+#: a light ridge relative to the data itself, for directions the data barely separates (nearly
+#: collinear columns: static power and weight bytes both grow with busy time)
+RELATIVE_RIDGE = 1e-3
+
+
+def prior_precision(prior: Coefficients) -> np.ndarray:
+    """Ridge weights that make the fit a posterior with the hardware profile as an absolute prior:
+    ``noise² / sigma²`` per coefficient, in the regression's units."""
+    theta = prior.theta
+    scale = np.abs(theta)
+    scale[_FU] = abs(theta[_F])
+    sigma = np.maximum(PRIOR_REL_SIGMA * scale, PRIOR_SIGMA_FLOOR)
+    return (prior.tdp_w * ROW_NOISE_S) ** 2 / sigma**2
+
+
+def identified(ne: NormalEquations, lam: np.ndarray) -> np.ndarray:
+    """Which coefficients the data determined: the prior's weight in each estimate
+    (``diag((XᵀX + Λ)⁻¹ Λ)``) is below one half."""
+    try:
+        shrink = np.diag(np.linalg.solve(ne.xtx + np.diag(lam), np.diag(lam)))
+    except np.linalg.LinAlgError:
+        return np.zeros(len(lam), dtype=bool)
+    return shrink < 0.5
+
+
+def fit_report(ne: NormalEquations, lam: np.ndarray) -> dict:
+    ok = identified(ne, lam)
+    return {"fitted": [n for n, f in zip(COEF_NAMES, ok) if f],
+            "from_profile": [n for n, f in zip(COEF_NAMES, ok) if not f]}
+
+
+def rss(ne: NormalEquations, theta: np.ndarray) -> float:
+    """Residual sum of squares of ``theta`` from the sufficient statistics."""
+    return float(ne.yty - 2.0 * theta @ ne.xty + theta @ ne.xtx @ theta)
+
+
+def solve(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Ridge toward the prior (weights ``lam``, see :func:`prior_precision`) under physical constraints
+    (an active set): every coefficient >= 0 but the utilisation slope, which may be negative only as far
+    as ``e_f + e_fu·u >= 0`` for every utilisation ``u`` in [0, 1]."""
+    lam = lam + RELATIVE_RIDGE * np.diag(ne.xtx) + 1e-300
     free = np.ones(6, dtype=bool)
     theta = prior.copy()
     for _ in range(8):
@@ -90,25 +133,28 @@ def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e:
 
 def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.ndarray,
                origin: float, prev_end: float = -FAR_PAST_S) -> tuple[Coefficients, dict]:
-    """Fit one device's coefficients to its counter intervals (global, offline)."""
+    """Fit one device's coefficients to its counter intervals (global, offline): the idle decay time
+    constant from a grid, by residual; the rest by :func:`solve` toward the profile ``coef0``."""
     best = None
+    prior = coef0.theta
+    lam = prior_precision(coef0)
     for tau in TAU_GRID_S:
-        coef = coef0.with_theta(coef0.theta, tau)
-        prior = coef0.theta
+        coef = coef0.with_theta(prior, tau)
         capped = None
         for _ in range(4):
             X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped)
             ne = NormalEquations()
             ne.add(X, y)
-            theta = solve(ne, prior)
+            theta = solve(ne, prior, lam)
             coef = coef.with_theta(theta, tau)
             _, new_capped = coef.step_energy(cols)
             if capped is not None and np.array_equal(new_capped, capped):
                 break
             capped = new_capped
-        resid = float(np.sum((X @ theta - y) ** 2))
+        resid = rss(ne, theta)
         if best is None or resid < best[0]:
             ss_tot = float(np.sum((y - y.mean()) ** 2)) if len(y) > 1 else 0.0
             best = (resid, coef, {"r2": 1.0 - resid / ss_tot if ss_tot > 0 else float("nan"),
-                                  "intervals": int(len(y)), "capped_steps": int(capped.sum())})
+                                  "intervals": int(len(y)), "capped_steps": int(capped.sum()),
+                                  **fit_report(ne, lam)})
     return best[1], best[2]

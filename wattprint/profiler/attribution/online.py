@@ -37,13 +37,17 @@ class OnlineAttributor:
 
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
                  model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
-                 grace_s: float = 1.0, stale_after_s: float = 300.0,
+                 grace_s: float = 1.0, stale_after_s: float = 300.0, fit_lookahead_s: float = 10.0,
                  coefficients: Sequence[Coefficients] | None = None):
         self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
         self.model = model_name or geometry.name
         self.window_s, self.grace_s = window_s, grace_s
         self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
         self.half_life_s = fit_half_life_s
+        # the fit runs ahead of settlement: a block is settled with coefficients that have seen the
+        # counter this long past its end (so early blocks are not split by an unformed fit)
+        self.lookahead_s = fit_lookahead_s if coefficients is None else 0.0
+        self._fitted_until: float | None = None
         self._steps: list[StepRecord] = []
         self._last_step: StepRecord | None = None
         self._received_until = -math.inf
@@ -94,7 +98,10 @@ class OnlineAttributor:
 
     # ---- output
     def advance(self, now_s: float) -> list[RequestResult]:
-        """Settle every complete block; return the finished requests that became final."""
+        """Fit every complete block, settle those the fit has looked past; return the finished requests
+        that became final."""
+        while self._fit_next(now_s):
+            pass
         while self._settle_next(now_s):
             pass
         out, self._pending_results = self._pending_results, []
@@ -112,7 +119,9 @@ class OnlineAttributor:
 
     @property
     def coefficients(self) -> dict:
-        return self._dev[0].coef.as_dict()
+        """Device 0's coefficients, and which of them the data determined (``fitted``) and which are
+        still the hardware profile's (``from_profile``)."""
+        return {**self._dev[0].coef.as_dict(), **self._dev[0].report}
 
     @property
     def active_requests(self) -> int:
@@ -158,9 +167,9 @@ class OnlineAttributor:
         self._account(cols, tail, static, e_flop, e_byte, math.inf)
 
     # ---- internals
-    def _block_edges(self, now_s: float) -> tuple[float, float] | None:
+    def _block_edges(self, now_s: float, since: float | None) -> tuple[float, float] | None:
         d0 = self._dev[0]
-        if self._settled_until is None:  # the first block starts where every counter is known
+        if since is None:  # the first block starts where every counter is known
             if any(len(d.b_t) < 2 for d in self._dev):
                 return None
             first = max(d.b_t[0] for d in self._dev)
@@ -169,7 +178,7 @@ class OnlineAttributor:
                 return None
             start = starts[0]
         else:
-            start = self._settled_until
+            start = since
         end = next((b for b in d0.b_t if b >= start + self.window_s), None)
         if end is None and self._flushing and d0.b_t and d0.b_t[-1] > start:
             end = d0.b_t[-1]  # shutting down: a last, shorter block
@@ -180,11 +189,33 @@ class OnlineAttributor:
             return None  # a step may still be running across the block's end
         return start, end
 
-    def _settle_next(self, now_s: float) -> bool:
-        edges = self._block_edges(now_s)
+    def _fit_next(self, now_s: float) -> bool:
+        """Add the next complete block's counter intervals to every device's running fit."""
+        if not self._dev[0].fit:
+            return False
+        edges = self._block_edges(now_s, self._fitted_until)
         if edges is None:
             return False
         start, end = edges
+        steps = [s for s in self._steps if s.t_start < end and s.t_end > start]
+        prev_end = max([self._prev_end] + [s.t_end for s in self._steps if s.t_end <= start])
+        if steps:
+            cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids)
+            self.table.ensure(len(self.table.ids))
+            for dev in self._dev:
+                b_t, b_e = dev.boundaries_between(start, end)
+                dev.update_fit(cols, b_t, b_e, start, prev_end, self.half_life_s)
+        self._fitted_until = end
+        return True
+
+    def _settle_next(self, now_s: float) -> bool:
+        edges = self._block_edges(now_s, self._settled_until)
+        if edges is None:
+            return False
+        start, end = edges
+        if self._dev[0].fit and not self._flushing and (
+                self._fitted_until is None or self._fitted_until < end + self.lookahead_s):
+            return False  # wait until the fit has seen the counter past this block
         steps = [s for s in self._steps if s.t_start < end]
         cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None
         self.table.ensure(len(self.table.ids))
@@ -197,8 +228,6 @@ class OnlineAttributor:
             e0, e1 = dev.energy_at(start), dev.energy_at(end)
             measured = e1 - e0
             if cols is not None:
-                b_t, b_e = dev.boundaries_between(start, end)
-                dev.update_fit(cols, b_t, b_e, start, self._prev_end, self.half_life_s)
                 energy, idle, static = settle_device(cols, dev.coef, np.array([start, end]),
                                                      np.array([e0, e1]), start, self._prev_end)
                 step_energy += energy

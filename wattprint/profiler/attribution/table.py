@@ -18,7 +18,9 @@ class RequestTable:
 
     FIELDS = ("energy_j", "prefill_j", "decode_j", "kv_j", "compute_j", "weights_j", "static_j",
               "kv_read_bytes", "kv_write_bytes", "flops", "prefill_tokens", "decode_tokens", "t_start", "t_end",
-              "prompt_tokens")
+              "prompt_tokens", "cached_tokens", "given_output_tokens")
+    #: initial values of the columns that are not sums (-1: not known yet)
+    _INITIAL = {"t_start": math.inf, "t_end": -math.inf, "cached_tokens": -1.0, "given_output_tokens": -1.0}
 
     def __init__(self):
         self.ids: list[str] = []
@@ -32,8 +34,8 @@ class RequestTable:
         if self.data.shape[1] < n:
             grow = max(n, 2 * self.data.shape[1], 64)
             new = np.zeros((len(self.FIELDS), grow))
-            new[self._col["t_start"]] = math.inf
-            new[self._col["t_end"]] = -math.inf
+            for name, value in self._INITIAL.items():
+                new[self._col[name]] = value
             new[:, : self.data.shape[1]] = self.data
             self.data = new
 
@@ -88,18 +90,32 @@ class RequestTable:
 
     def result(self, slot: int, source: str, model: str | None, status: str = "final") -> RequestResult:
         d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
-        prefill_tokens = int(d["prefill_tokens"])
-        prompt = max(int(d["prompt_tokens"]), prefill_tokens)
-        done_prefill = prefill_tokens > 0 and prefill_tokens >= prompt
-        output = int(d["decode_tokens"]) + (1 if done_prefill else 0)
+        prompt, cached, output = token_counts(d)
         return RequestResult(
             id=self.ids[slot], energy_j=d["energy_j"], prefill_j=d["prefill_j"], decode_j=d["decode_j"],
             kv_j=d["kv_j"], compute_j=d["compute_j"], weights_j=d["weights_j"], static_j=d["static_j"],
             kv_read_bytes=d["kv_read_bytes"], kv_write_bytes=d["kv_write_bytes"],
-            prompt_tokens=prompt, output_tokens=output, flops=d["flops"], stratum=self.stratum.get(slot),
+            prompt_tokens=prompt, output_tokens=output, cached_prompt_tokens=cached, flops=d["flops"],
+            stratum=self.stratum.get(slot),
             source=source, t_start=d["t_start"] if math.isfinite(d["t_start"]) else None,
             t_end=d["t_end"] if math.isfinite(d["t_end"]) else None, model=model, status=status,
         )
+
+
+def token_counts(d: dict[str, float]) -> tuple[int, int, int]:
+    """A request's prompt, cached-prompt and output tokens, from what the engine said and what its
+    steps did. Prompt: the length the engine gave (cached tokens included), else the prefill work plus
+    the cached tokens. Cached: the context of its first entry when that entry is prefill (the prefix
+    cache's hit). Output: the count the engine gave, else its decode tokens plus the token sampled
+    when its prefill completed (recomputed tokens after a preemption are prefill work, not output)."""
+    prefill = int(d["prefill_tokens"])
+    cached = max(int(d["cached_tokens"]), 0)
+    prompt = int(d["prompt_tokens"]) or prefill + cached
+    if d["given_output_tokens"] >= 0:
+        output = int(d["given_output_tokens"])
+    else:
+        output = int(d["decode_tokens"]) + (1 if prefill > 0 and prefill + cached >= prompt else 0)
+    return prompt, min(cached, prompt), output
 
 
 def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: RequestTable,
@@ -146,18 +162,24 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
 def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry], slots: np.ndarray) -> None:
     """The request-metadata rule, for offline and online alike: a request's stratum and prompt length
     are the first ones any of its entries gives (the vLLM hook repeats them on every entry; files may
-    give them once, anywhere). ``slots``: the table slot of each entry, entries in time order.
+    give them once, anywhere); its cached prompt tokens are the context of its first entry when that is
+    prefill; the engine's output count is the largest its entries give. ``slots``: the table slot of
+    each entry, entries in time order.
 
-    Per-request work: each request's first entry here is read; only requests still lacking a stratum or
-    a prompt length are looked up in their later entries.
+    Per-request work: each request's first and last entries here are read; only requests still lacking
+    a stratum or a prompt length are looked up in their other entries.
     """
     n = len(table.ids)
     table.ensure(n)
     if not len(slots):
         return
+    order = np.arange(len(slots))
     first = np.full(n, -1, dtype=np.int64)
-    first[slots[::-1]] = np.arange(len(slots) - 1, -1, -1)  # the last write wins: each slot's first entry
-    prompt_col = table.col("prompt_tokens")
+    first[slots[::-1]] = order[::-1]  # the last write wins: each slot's first entry
+    last = np.full(n, -1, dtype=np.int64)
+    last[slots] = order
+    prompt_col, cached_col, output_col = (table.col(c) for c in ("prompt_tokens", "cached_tokens",
+                                                                  "given_output_tokens"))
     stratum = table.stratum
     missing = np.zeros(n, dtype=bool)
     for k in np.flatnonzero(first >= 0).tolist():
@@ -166,6 +188,11 @@ def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry], slots: np.n
             stratum[k] = r.stratum
         if not prompt_col[k] and r.prompt_tokens:
             prompt_col[k] = r.prompt_tokens
+        if cached_col[k] < 0:  # first sight of the request
+            cached_col[k] = r.context_tokens if r.prefill_tokens > 0 else 0
+        given = reqs[last[k]].output_tokens
+        if given is not None and given > output_col[k]:
+            output_col[k] = given
         missing[k] = stratum.get(k) is None or not prompt_col[k]
     if missing.any():
         for i in np.flatnonzero(missing[slots]).tolist():

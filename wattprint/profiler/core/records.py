@@ -36,6 +36,9 @@ class RequestEntry(msgspec.Struct, omit_defaults=True, gc=False):
     prompt_tokens: int | None = None
     #: true on the request's last step (emitted by the vLLM hook; optional in files)
     finished: bool = False
+    #: tokens the request has generated so far, as the engine counts them (the vLLM hook gives it on a
+    #: request's last entry; optional in files)
+    output_tokens: int | None = None
 
 
 class StepRecord(msgspec.Struct, omit_defaults=True):

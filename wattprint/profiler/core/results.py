@@ -31,6 +31,7 @@ class RequestResult(msgspec.Struct):
     compute_j: float = 0.0  # v2 components: dynamic energy of the request's FLOPs,
     weights_j: float = 0.0  # of its share of reading the weights,
     static_j: float = 0.0  # and its share of the step's static power (kv_j: its KV traffic's own)
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (part of prompt_tokens)
 
     @property
     def j_per_output_token(self) -> float | None:

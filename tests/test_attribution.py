@@ -164,3 +164,29 @@ def test_online_settles_a_request_aborted_between_steps(llama8b, h100):
         out += on.advance(t)
     assert [r.id for r in out] == ["aborted"]
     assert out[0].energy_j > 0 and on.provisional("aborted") is None
+    assert out[0].status == "incomplete"  # it never finished: not presented as a final record
+
+
+def test_a_request_back_after_a_stale_emit_gets_a_new_record(llama8b, h100):
+    """Energy a request receives after it was emitted as stale reaches a record (it used to be counted
+    in attributed_j but appear in no record)."""
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=1.0,
+                          fit_lookahead_s=0.5)
+    e, t, step, out = 0.0, 0.0, 0, []
+    while t < 8.0:
+        reqs = [RequestEntry("kept", 0, 1, 100 + step)]
+        if t < 1.0 or 4.0 <= t < 5.0:
+            reqs.append(RequestEntry("napper", 0, 1, 50 + step, finished=4.9 <= t))
+        on.add_step(StepRecord(step, t, t + 0.02, reqs))
+        for k in range(3):
+            e += 4.0
+            on.add_reading(Reading(t + 0.01 * k + 0.005, (e,), "simulated"))
+        step += 1
+        t += 0.03
+        out += on.advance(t)
+    out += on.finish()
+    napper = [r for r in out if r.id == "napper"]
+    assert [r.status for r in napper] == ["incomplete", "final"]
+    assert all(r.energy_j > 0 for r in napper)
+    tot = on.totals()
+    assert sum(r.energy_j for r in out) + tot.idle_j == pytest.approx(tot.measured_j + tot.extrapolated_j, rel=1e-9)

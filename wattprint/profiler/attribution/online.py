@@ -83,7 +83,7 @@ class OnlineAttributor:
         slots = np.empty(len(step.requests), dtype=np.int64)
         for i, r in enumerate(step.requests):
             k = t.slots.get(r.id)
-            if k is None:
+            if k is None or k in self._emitted:  # new, or back after it was settled as stale: a new record
                 k = t.slots[r.id] = len(t.ids)
                 t.ids.append(r.id)
             slots[i] = k
@@ -267,7 +267,8 @@ class OnlineAttributor:
         stale = {k for k in range(len(self.table.ids)) if k not in live and k not in self._emitted
                  and t_last[k] < end - self.stale_after_s}
         for k in sorted(done_ids | stale):
-            self._pending_results.append(self.table.result(k, self.source, self.model))
+            status = "final" if k in done_ids else "incomplete"  # stale: no finished flag ever came
+            self._pending_results.append(self.table.result(k, self.source, self.model, status=status))
             self._emitted.add(k)
             tot.requests += 1
         if len(self._emitted) > 256 and len(self._emitted) * 2 > len(self.table.ids):

@@ -133,3 +133,20 @@ def test_meter_hz_needs_online(trace, tmp_path, capsys):
                "--meter-hz", "50", "-q"])
     assert rc == 2 and "--online" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_conservation_violation_fails_loudly_and_writes_nothing(trace, tmp_path, monkeypatch, capsys):
+    """A bug that loses joules must not produce plausible files: exit 3, no output."""
+    import wattprint.profiler.attribution.offline as offline
+
+    real = offline.attribute
+
+    def leaky(*a, **kw):
+        res = real(*a, **kw)
+        res.requests[0].energy_j *= 0.5  # a record loses joules the totals still count
+        return res
+
+    monkeypatch.setattr(offline, "attribute", leaky)
+    rc, out, summ = run(trace, tmp_path)
+    assert rc == 3 and "conservation violated" in capsys.readouterr().err
+    assert not out.exists() and not summ.exists()

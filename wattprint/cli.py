@@ -4,7 +4,8 @@ Each subcommand is one module of :mod:`wattprint.commands` with ``add_arguments(
 ``run(args)``; only the chosen one is imported (``--help`` imports them all, and they import their heavy
 dependencies only when they run).
 
-Exit codes: 0 success, 2 bad input or configuration (the message names the file and line), 1 other errors.
+Exit codes: 0 success, 2 bad input or configuration (the message names the file and line), 3 a
+conservation violation (a bug; no output is written), 1 other errors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 from wattprint import __version__
-from wattprint.errors import WattprintError
+from wattprint.errors import ConservationError, WattprintError
 
 #: subcommand -> (module under wattprint.commands, help)
 COMMANDS = {
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args.vllm_args = vllm_args
     try:
         return int(_module(args.command).run(args) or 0)
+    except ConservationError as exc:
+        print(f"wattprint {args.command}: error: {exc}", file=sys.stderr)
+        return 3
     except WattprintError as exc:
         print(f"wattprint {args.command}: error: {exc}", file=sys.stderr)
         return 2

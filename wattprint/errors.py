@@ -26,3 +26,11 @@ class ConfigError(InputError):
 
 class MeterError(WattprintError):
     """A meter could not be opened or read (no device, no permission, unsupported device)."""
+
+
+class ConservationError(WattprintError):
+    """Measured joules were not given exactly once to requests or idle: a bug, never bad input. The CLI
+    exits with code 3 and writes no output."""
+
+    #: the largest conservation error tolerated (relative to the measured energy)
+    TOLERANCE = 1e-9

@@ -24,7 +24,7 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wattprint.commands.common import energy_source, model_config_path
-    from wattprint.commands.output import write_requests, write_summary
+    from wattprint.commands.output import check_conservation, write_requests, write_summary
     from wattprint.errors import ConfigError
     from wattprint.profiler.attribution.offline import attribute
     from wattprint.profiler.core.costmodel import geometry_from_config
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--meter-hz goes with --online")
         result = attribute(steps, samples, g, hw, source=source, window_s=args.window_s, model_name=g.name,
                            energy_path=str(args.energy))
+    check_conservation(result.totals, result.requests)
     write_requests(args.out, result.requests)
     if args.summary:
         write_summary(args.summary, result.totals, model=g.name, model_config=str(config),

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from wattprint.commands.common import model_geometry
-    from wattprint.commands.output import write_requests, write_summary
+    from wattprint.commands.output import check_conservation, write_requests, write_summary
     from wattprint.exporters.report import print_report
     from wattprint.profiler.attribution.offline import attribute
     from wattprint.profiler.core.hardware import load_profile
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status("attributing measured joules to requests..."):
         result = attribute(sim.steps, sim.energy, g, hw, source="simulated", model_name=g.name)
     print_report(result.requests, result.totals, limit=args.limit, console=console)
+    check_conservation(result.totals, result.requests)
     write_requests(out / "requests.jsonl", result.requests)
     write_summary(out / "summary.json", result.totals, model=g.name, hardware=hw.name)
     err = np.array([abs(r.energy_j / sim.truth[r.id].energy_j - 1) for r in result.requests])

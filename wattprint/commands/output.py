@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from wattprint.errors import ConservationError
 from wattprint.files import atomic_write
 from wattprint.profiler.core.results import RequestResult, Totals
 
@@ -17,6 +18,21 @@ def conservation_error(totals: Totals) -> float:
     measured)."""
     gap = abs(totals.attributed_j + totals.idle_j - totals.measured_j - totals.extrapolated_j)
     return gap / totals.measured_j if totals.measured_j > 0 else gap
+
+
+def check_conservation(totals: Totals, results: Sequence[RequestResult]) -> float:
+    """Conservation over the totals and over the request records themselves (Σ records + idle ==
+    measured + extrapolated); raises :class:`ConservationError` above its tolerance. Returns the error."""
+    err = conservation_error(totals)
+    gap = abs(sum(r.energy_j for r in results) + totals.idle_j - totals.measured_j - totals.extrapolated_j)
+    err_records = gap / totals.measured_j if totals.measured_j > 0 else gap
+    worst = max(err, err_records)
+    if not worst <= ConservationError.TOLERANCE:  # NaN fails too
+        raise ConservationError(
+            f"conservation violated: totals off by {err:.3e}, request records off by {err_records:.3e} of "
+            f"the measured {totals.measured_j:.6g} J (tolerance {ConservationError.TOLERANCE:g}); "
+            "this is a bug in wattprint, please report it")
+    return worst
 
 
 def write_requests(path: str | os.PathLike, results: Sequence[RequestResult]) -> None:

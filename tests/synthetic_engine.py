@@ -6,8 +6,8 @@ import os
 import time
 import uuid
 
-from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.core.records import RequestEntry, StepRecord
+from wattprint.profiler.transport import messages as transport
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
          "num_key_value_heads": 2, "intermediate_size": 1024, "vocab_size": 32000, "torch_dtype": "bfloat16"}

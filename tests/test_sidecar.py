@@ -18,21 +18,20 @@ import zmq
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
+from wattprint.commands import sidecar as sidecar_command
+from wattprint.commands.sidecar import add_arguments as add_sidecar_arguments
+from wattprint.commands.sidecar import run as run_sidecar
 from wattprint.errors import ConfigError, InputError
 from wattprint.exporters.ledger import read_ledger
-from wattprint.profiler.sidecar import daemon as sidecar_mod
-from wattprint.profiler.transport import messages as transport
-from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
 from wattprint.profiler.core.records import RequestEntry, StepRecord
 from wattprint.profiler.core.results import RequestResult, Totals
-from wattprint.profiler.sidecar.daemon import (
-    Sidecar,
-    add_sidecar_arguments,
-    add_totals,
-    default_hardware,
-    request_aliases,
-    run_sidecar,
-)
+from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
+from wattprint.profiler.sidecar import daemon as sidecar_mod
+from wattprint.profiler.sidecar.daemon import Sidecar, default_hardware
+from wattprint.profiler.sidecar.driver import add_totals
+from wattprint.profiler.sidecar.recorder import TraceRecorder
+from wattprint.profiler.transport import messages as transport
+from wattprint.profiler.vllm.ids import request_aliases
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "torch_dtype": "bfloat16"}
@@ -367,15 +366,16 @@ def test_garbage_invalid_and_unsupported_counted(sock_path):
 def test_internal_queue_full_and_hook_drop_deltas(sock_path):
     sc = _sidecar(sock_path, queue_records=3)  # not started: drive the receive handler directly
     steps = transport.Steps(pid=7, records=[_step(0, [RequestEntry("a", 1, 0, 0)])] * 2, dropped_total=5)
-    sc._on_message(transport.encode(steps))
-    sc._on_message(transport.encode(steps))  # 2 + 2 > 3: dropped
+    on_message = sc.receiver.on_message
+    on_message(transport.encode(steps))
+    on_message(transport.encode(steps))  # 2 + 2 > 3: dropped
     assert sc.snapshot().dropped == {"hook_queue_full": 5, "queue_full": 2}
-    sc._on_message(transport.encode(transport.Steps(pid=7, records=[], dropped_total=9)))
-    sc._on_message(transport.encode(transport.Steps(pid=7, records=[], dropped_total=2)))  # new process, same pid
-    sc._on_message(transport.encode(transport.Steps(pid=8, records=[], dropped_total=1)))
+    on_message(transport.encode(transport.Steps(pid=7, records=[], dropped_total=9)))
+    on_message(transport.encode(transport.Steps(pid=7, records=[], dropped_total=2)))  # new process, same pid
+    on_message(transport.encode(transport.Steps(pid=8, records=[], dropped_total=1)))
     assert sc.snapshot().dropped["hook_queue_full"] == 5 + 4 + 2 + 1
-    sc._on_message(transport.encode(_hello()))  # a Hello takes no record slot
-    assert len(sc._queue) == 2  # messages with no records are not queued
+    on_message(transport.encode(_hello()))  # a Hello takes no record slot
+    assert len(sc.queue) == 2  # messages with no records are not queued
 
 
 def test_survives_attributor_exceptions(sock_path):
@@ -566,8 +566,8 @@ def test_add_totals():
 
 def test_run_sidecar_until_sigterm(sock_path, tmp_path, monkeypatch):
     meter = FakeMeter("simulated", ("simulated h100",))
-    monkeypatch.setattr(sidecar_mod, "_open_meter", lambda name: meter)
-    monkeypatch.setattr(sidecar_mod, "_default_timeline_factory", ManualTimeline)
+    monkeypatch.setattr(sidecar_command, "open_meter", lambda name: meter)
+    monkeypatch.setattr(sidecar_mod, "default_timeline", ManualTimeline)
     parser = add_sidecar_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--meter", "simulated", "--socket", sock_path, "--metrics-port", "0",
                               "--ledger", str(tmp_path / "l.jsonl"), "--window-s", "1.5"])
@@ -633,4 +633,32 @@ def test_restart_resumes_with_the_saved_hello(sock_path):
     with open(sock_path + ".hello", "wb") as f:
         f.write(b"garbage")
     with _sidecar(sock_path) as sc3:  # an unreadable file is ignored
-        assert sc3._resume_hello is None
+        assert sc3.driver.resume_hello is None
+
+
+def test_recorder_keeps_the_trace_from_just_before_the_first_step(sock_path):
+    rec = TraceRecorder()
+    with _sidecar(sock_path, recorder=rec) as sc:
+        timeline = ManualTimeline.instances[0]
+        hook = Hook(sc.address)
+        try:
+            for t in (90.0, 97.0, 99.5):  # the engine starting up
+                timeline.push(t, (t, t))
+            # before any Hello: recorded, though not attributed
+            hook.send(transport.Steps(pid=1, records=[_step(0, [RequestEntry("early", 5, 0, 0)])]))
+            hook.send(_hello())
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("a", 4, 0, 0, finished=True)])]))
+            _wait(lambda: len(rec.steps()) == 2)
+            timeline.push(101.0, (101.0, 101.0))
+            assert not rec.complete(1)  # one reading after the last step
+            timeline.push(102.0, (103.0, 103.0))
+            assert rec.complete(1) and not rec.complete(2)
+            assert rec.wait_complete(1, timeout_s=1.0) and not rec.wait_complete(2, timeout_s=0.1)
+            assert rec.hello is not None and rec.hello.model == "llama-test"
+            assert [s.step for s in rec.steps()] == [0, 1]
+            assert sc.snapshot().dropped == {"no_hello": 1} and sc.snapshot().steps == 1
+        finally:
+            hook.close()
+    # the first step starts at 100.0: readings from 98.0 on, then stop()'s last reading
+    assert [r.t_s for r in rec.readings()][:3] == [99.5, 101.0, 102.0]
+    assert len(rec.readings()) == 4 and len(rec.readings(lead_s=None)) == 6

@@ -12,11 +12,11 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from wattprint.exporters.ledger import read_ledger
-from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.core.records import RequestEntry, StepRecord
 from wattprint.profiler.sidecar.daemon import Sidecar
+from wattprint.profiler.transport import messages as transport
 
-attribution = pytest.importorskip("wattprint.profiler.attribution.legacy")
+pytest.importorskip("wattprint.profiler.attribution.online")
 pytest.importorskip("wattprint.profiler.timeline.sampler")
 simulated = pytest.importorskip("wattprint.profiler.meters.simulated")
 

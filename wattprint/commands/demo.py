@@ -17,17 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import msgspec
-from rich.console import Console
-from rich.panel import Panel
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from wattprint.commands.common import METER_CHOICES
 
 SERVED_NAME = "wattprint-tiny-llama"
 WORDS = ("energy joules prefill decode cache tokens power watts model request server batch step kernel "
@@ -75,13 +65,19 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float, log_path: P
 
 
 def run_demo(args) -> int:
-    from wattprint.files import atomic_write as _atomic_write
+    import msgspec
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from wattprint.commands.output import write_requests, write_summary
+    from wattprint.commands.serve import has_nvidia_gpu, server_command, server_env, stop_server
     from wattprint.exporters.prometheus import make_registry
     from wattprint.exporters.report import print_report
+    from wattprint.files import atomic_write
     from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
-    from wattprint.commands.serve import has_nvidia_gpu, server_command, server_env, stop_server
-    from wattprint.profiler.sidecar.daemon import Sidecar, add_totals
+    from wattprint.profiler.sidecar.daemon import Sidecar
+    from wattprint.profiler.sidecar.driver import add_totals
     from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()
@@ -141,14 +137,13 @@ def run_demo(args) -> int:
     if totals is not None:  # the table shows the workload's names; the files keep the OpenAI ids
         named = [msgspec.structs.replace(r, id=n) for n, r in results.items() if r is not None]
         print_report(named, totals, limit=0, console=console)
-    enc = msgspec.json.Encoder()
-    _atomic_write(out / "requests.jsonl", b"".join(enc.encode(r) + b"\n" for r in rows))
-    summary = msgspec.to_builtins(totals) if totals else {}
-    summary.update(meter=snap.source, hardware=load_profile(hardware).name if hardware else None,
-                   model=SERVED_NAME, model_dir=str(model_dir), requests_sent=len(results),
-                   requests_final=len(results) - len(missing), device_names=snap.device_names)
-    _atomic_write(out / "summary.json", msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n")
-    _atomic_write(out / "metrics.prom", exposition)
+    write_requests(out / "requests.jsonl", rows)
+    write_summary(out / "summary.json", totals, meter=snap.source,
+                  hardware=load_profile(hardware).name if hardware else None, model=SERVED_NAME,
+                  model_dir=str(model_dir), model_config=str((model_dir / "config.json").resolve()),
+                  requests_sent=len(results), requests_final=len(results) - len(missing),
+                  device_names=snap.device_names)
+    atomic_write(out / "metrics.prom", exposition)
     console.print(f"files in {out}/: requests.jsonl summary.json metrics.prom ledger.jsonl vllm-server.log")
     if missing:
         console.print(f"[red]{len(missing)} request(s) have no final energy record: {', '.join(missing)}")
@@ -162,9 +157,17 @@ def _exposition(registry) -> bytes:
     return generate_latest(registry)
 
 
-def _send_workload(console: Console, port: int, items) -> dict[str, tuple[str, int]]:
+def _send_workload(console, port: int, items) -> dict[str, tuple[str, int]]:
     """Send the requests (4 at a time) through the OpenAI client; returns name -> (response id, tokens)."""
     from openai import OpenAI
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wattprint-demo", max_retries=0, timeout=300)
 
@@ -192,7 +195,7 @@ def _send_workload(console: Console, port: int, items) -> dict[str, tuple[str, i
 
 def add_arguments(d) -> None:
     d.add_argument("--out", default="wattprint-demo", help="output directory")
-    d.add_argument("--meter", default="auto", choices=("auto", "nvml", "rapl", "cputime", "simulated"),
+    d.add_argument("--meter", default="auto", choices=METER_CHOICES,
                    help="auto: NVML with a GPU, else the simulated twin")
     d.add_argument("--model", default=None, help="model directory to serve (default: build the tiny model)")
     d.add_argument("--hardware", default=None)

@@ -7,14 +7,14 @@ windows and stops. If the server exits by itself, the sidecar stops too and its 
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 
-from wattprint.profiler.transport import messages as transport
+from wattprint.commands import sidecar
 
 MIDDLEWARE = "wattprint.exporters.http.WattprintMiddleware"
 
@@ -37,13 +37,15 @@ def server_command(vllm_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
 
 
-def server_env(sidecar) -> dict[str, str]:
+def server_env(sc) -> dict[str, str]:
+    """The server's environment: the hook's address and the energy URL the middleware announces."""
     from wattprint.exporters.http import ENV_ENERGY_URL
+    from wattprint.profiler.transport.messages import ENV_SIDECAR
 
     env = dict(os.environ)
-    env[transport.ENV_SIDECAR] = sidecar.address
-    if sidecar.metrics_url:
-        env[ENV_ENERGY_URL] = sidecar.metrics_url
+    env[ENV_SIDECAR] = sc.address
+    if sc.metrics_url:
+        env[ENV_ENERGY_URL] = sc.metrics_url
     return env
 
 
@@ -59,25 +61,26 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
     return proc.returncode
 
 
-def run_serve(args, vllm_args: Sequence[str]) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The sidecar's options; the vLLM server's arguments follow ``--`` (``args.vllm_args``, set by the CLI)."""
+    return sidecar.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the sidecar and the server until Ctrl-C/SIGTERM or until the server exits."""
     from wattprint.errors import ConfigError
-    from wattprint.profiler.meters.auto import open_meter
-    from wattprint.profiler.sidecar.daemon import Sidecar
 
+    vllm_args = list(getattr(args, "vllm_args", None) or [])
     if not [a for a in vllm_args if a != "--"]:
         raise ConfigError("give the vLLM server's arguments after `--`, e.g. wattprint serve -- --model DIR")
-    meter = open_meter(args.meter)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sidecar.check_arguments(args)
+    meter = sidecar.open_meter(args.meter)
     rc = 0
     try:
-        with Sidecar(meter, socket_path=args.socket, metrics_host=args.metrics_host,
-                     metrics_port=args.metrics_port, ledger_path=args.ledger, hardware=args.hardware,
-                     window_s=args.window_s) as sidecar:
-            print(f"wattprint serve: sidecar {sidecar.address}, metrics {sidecar.metrics_url}/metrics, "
-                  f"meter {sidecar.source}, hardware {sidecar.profile.name}", flush=True)
-            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sidecar))
+        with sidecar.stop_on_signals() as stop, sidecar.open_sidecar(args, meter) as sc:
+            print(f"wattprint serve: sidecar {sc.address}, metrics {sc.metrics_url}/metrics, "
+                  f"meter {sc.source}, hardware {sc.profile.name}", flush=True)
+            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sc))
             print(f"wattprint serve: vLLM server pid {proc.pid}", flush=True)
             while not stop.wait(0.5):
                 if proc.poll() is not None:
@@ -86,17 +89,5 @@ def run_serve(args, vllm_args: Sequence[str]) -> int:
             rc = stop_server(proc)  # server first, so that its last steps reach the sidecar
             print("wattprint serve: stopping the sidecar (settling the last windows)", flush=True)
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-        meter.close()
+        sidecar.close_meter(meter)
     return 0 if stop.is_set() else rc
-
-
-def add_arguments(parser) -> None:
-    from wattprint.profiler.sidecar.daemon import add_sidecar_arguments
-
-    add_sidecar_arguments(parser)
-
-
-def run(args) -> int:
-    return run_serve(args, args.vllm_args)

@@ -1,0 +1,214 @@
+"""The receiving end of the wire: a ZeroMQ ``PULL`` socket, a receive thread and a bounded queue.
+
+The receiver binds ``ipc://PATH`` (file mode 0600; a stale socket file left by a dead process is removed,
+a live one or a non-socket refused), decodes each message and puts it in a :class:`MessageQueue`
+bounded in records and in messages. It never waits on the consumer: what does not fit is counted as
+``queue_full``, undecodable messages as ``decode_error``, and the increase of each hook's own drop count
+(``Steps.dropped_total``) as ``hook_queue_full``.
+
+Counting and logging go to ``stats``, any object with ``count_drop(reason, n)``, ``count_message()``,
+``fail(where, msg, *args)`` and ``warn(key, msg, *args)`` (the sidecar's
+:class:`~wattprint.profiler.sidecar.stats.Counters`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections import OrderedDict, deque
+
+import msgspec
+import zmq
+
+from wattprint.errors import ConfigError
+from wattprint.profiler.transport import messages as transport
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20  # a bigger message disconnects the peer (ZMQ_MAXMSGSIZE)
+RECV_HWM = 10_000  # messages ZeroMQ buffers before the peer's sends start to fail (and are counted there)
+_MAX_PIDS = 256  # hooks whose drop count is remembered
+
+
+class MessageQueue:
+    """Bounded FIFO between the receive thread and its consumer, bounded in records and in messages."""
+
+    def __init__(self, max_records: int, max_messages: int):
+        self.max_records = max_records
+        self.max_messages = max_messages
+        self._items: deque = deque()
+        self._records = 0
+        self._cond = threading.Condition()
+
+    def put(self, item, n_records: int) -> bool:
+        """Queue ``item`` holding ``n_records`` records; False (nothing queued) when it does not fit."""
+        with self._cond:
+            if len(self._items) >= self.max_messages or (n_records and self._records + n_records > self.max_records):
+                return False
+            self._items.append((item, n_records))
+            self._records += n_records
+            self._cond.notify()
+            return True
+
+    def get_all(self, timeout_s: float) -> list:
+        """Everything queued, after waiting up to ``timeout_s`` for something when empty."""
+        with self._cond:
+            if not self._items and timeout_s > 0:
+                self._cond.wait(timeout_s)
+            items = [item for item, _ in self._items]
+            self._items.clear()
+            self._records = 0
+            return items
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse if one is still listening or it is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            log.info("wattprint sidecar: removed stale socket %s", path)
+            return
+        raise ConfigError(f"cannot probe socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise ConfigError(f"another process is listening on {path} (another sidecar?)")
+
+
+class Receiver:
+    """Binds ``address``, receives on a thread (:meth:`start`) and fills ``queue`` until :meth:`stop`."""
+
+    def __init__(self, address: str, queue: MessageQueue, stats):
+        self.address = address
+        #: the socket file of an ``ipc://`` address (None for tcp://)
+        self.socket_file = address[len("ipc://"):] if address.startswith("ipc://") else None
+        self.queue = queue
+        self.stats = stats
+        self._hook_dropped: OrderedDict[int, int] = OrderedDict()
+        self._hook_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ctx: zmq.Context | None = None
+        self._sock = None
+        self._thread: threading.Thread | None = None
+
+    def bind(self) -> None:
+        """Bind the PULL socket (raises :class:`ConfigError` when the address is taken or unusable)."""
+        if self.socket_file:
+            remove_stale_socket(self.socket_file)
+            parent = os.path.dirname(self.socket_file)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ConfigError(f"cannot bind {self.address}: {exc}") from exc
+        if self.socket_file:
+            os.chmod(self.socket_file, 0o600)
+        self._sock = sock
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="wattprint-recv", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop receiving, close the socket and remove its file. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        elif self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self.socket_file and self._sock is not None:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.socket_file).st_mode):
+                    os.unlink(self.socket_file)
+            except OSError:
+                pass
+            self._sock = None
+
+    def _loop(self) -> None:
+        sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not poller.poll(100):
+                        continue
+                    while not self._stop.is_set():
+                        try:
+                            data = sock.recv(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self.on_message(data)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.ETERM:
+                        break
+                    self.stats.fail("receive", "receive failed")
+                    time.sleep(0.05)
+                except Exception:  # noqa: BLE001 - the receive thread must survive anything
+                    self.stats.fail("receive", "receive loop error")
+        finally:
+            sock.close(0)
+
+    def on_message(self, data: bytes) -> None:
+        """Decode one message and queue it (or count why not)."""
+        self.stats.count_message()
+        try:
+            msg = transport.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats.count_drop("decode_error")
+            self.stats.warn("decode", "undecodable message (%d bytes): %s", len(data), exc)
+            return
+        if isinstance(msg, transport.Steps):
+            self._note_hook_drops(msg.pid, msg.dropped_total)
+            n = len(msg.records)
+            if n and not self.queue.put(msg, n):
+                self.stats.count_drop("queue_full", n)
+        elif not self.queue.put(msg, 0):
+            self.stats.count_drop("queue_full")
+            self.stats.warn("hello_drop", "queue full, a Hello from pid %s was dropped", msg.pid)
+
+    def _note_hook_drops(self, pid: int, total: int) -> None:
+        with self._hook_lock:
+            prev = self._hook_dropped.pop(pid, 0)
+            delta = total - prev if total >= prev else total  # smaller: a new process reused the pid
+            self._hook_dropped[pid] = total
+            while len(self._hook_dropped) > _MAX_PIDS:
+                self._hook_dropped.popitem(last=False)
+        self.stats.count_drop("hook_queue_full", delta)

@@ -37,7 +37,7 @@ class OnlineAttributor:
 
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
                  model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
-                 grace_s: float = 1.0, stale_after_s: float = 300.0, fit_lookahead_s: float = 10.0,
+                 grace_s: float = 1.0, stale_after_s: float = 300.0, fit_lookahead_s: float | None = None,
                  coefficients: Sequence[Coefficients] | None = None):
         self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
         self.model = model_name or geometry.name
@@ -45,8 +45,10 @@ class OnlineAttributor:
         self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
         self.half_life_s = fit_half_life_s
         # the fit runs ahead of settlement: a block is settled with coefficients that have seen the
-        # counter this long past its end (so early blocks are not split by an unformed fit)
-        self.lookahead_s = fit_lookahead_s if coefficients is None else 0.0
+        # counter this long past its end (default: five windows, 10 s), so early blocks are not split
+        # by an unformed fit; final records come that much later (provisional ones at once)
+        lookahead = 5.0 * window_s if fit_lookahead_s is None else fit_lookahead_s
+        self.lookahead_s = lookahead if coefficients is None else 0.0
         self._fitted_until: float | None = None
         self._steps: list[StepRecord] = []
         self._last_step: StepRecord | None = None

@@ -42,24 +42,30 @@ def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: n
     total_pred = step_pred + gap_pred
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(total_pred > 0, measured / total_pred, 0.0)
-    idle = np.where(total_pred > 0, scale * gap_pred, measured)  # nothing predicted: all idle
     # each step's prediction, weighted by the scale of the block(s) it falls in
     nb = len(e_t) - 1
     js = np.clip(np.searchsorted(e_t, cols.t_start, side="right") - 1, 0, nb - 1)
-    je = np.clip(np.searchsorted(e_t, cols.t_end, side="left") - 1, 0, nb - 1)
+    # a step accrues over [t_start, t_start + dt] exactly as features.cumulative accrues it (a step of
+    # no duration over 1e-12 s, the same arithmetic), so that what the blocks predicted is what the steps
+    # receive: the fraction of step i accrued by time x is clip((x - t_start) / dt, 0, 1)
     dt = np.maximum(cols.t_end - cols.t_start, 1e-12)
-    # part of the step inside the settled span [e_t[0], e_t[-1]]
-    inside = np.clip(np.minimum(cols.t_end, e_t[-1]) - np.maximum(cols.t_start, e_t[0]), 0.0, None) / dt
-    inside = np.where(cols.t_end - cols.t_start > 0, inside,
-                      ((cols.t_start >= e_t[0]) & (cols.t_start < e_t[-1])).astype(float))
+
+    def accrued(x, i=slice(None)):
+        return np.clip((x - cols.t_start[i]) / dt[i], 0.0, 1.0)
+
+    je = np.clip(np.searchsorted(e_t, cols.t_start + dt, side="left") - 1, 0, nb - 1)
+    inside = accrued(e_t[-1]) - accrued(e_t[0])  # part of the step inside the settled span
     energy = pred * scale[js] * inside
-    for i in np.flatnonzero(js != je):  # straddles block edges: weigh each part by its block
-        parts = 0.0
-        for j in range(js[i], je[i] + 1):
-            lo, hi = max(cols.t_start[i], e_t[j]), min(cols.t_end[i], e_t[j + 1])
-            if hi > lo:
-                parts += (hi - lo) / dt[i] * scale[j]
-        energy[i] = pred[i] * parts
+    straddle = js != je
+    in_block = np.bincount(js[~straddle], energy[~straddle], minlength=nb)
+    for i in np.flatnonzero(straddle):  # straddles block edges: weigh each part by its block
+        b = slice(js[i], je[i] + 1)
+        parts = pred[i] * (accrued(e_t[js[i] + 1: je[i] + 2], i) - accrued(e_t[b], i)) * scale[b]
+        energy[i] = float(parts.sum())
+        in_block[b] += parts
+    # conservation by construction: a block's idle is what its steps did not receive (equal to its
+    # predicted gap energy × scale up to rounding)
+    idle = np.where(total_pred > 0, measured - in_block, measured)
     return energy, idle, static_part(coef, dt * inside, energy)
 
 
@@ -73,8 +79,7 @@ def extrapolate_after(cols: StepColumns, coef: Coefficients, t_from: float) -> t
     measurement covers it), and its static part. Reported as extrapolated, never as measured."""
     pred, _ = coef.step_energy(cols)
     dt = np.maximum(cols.t_end - cols.t_start, 1e-12)
-    after = np.clip((cols.t_end - np.maximum(cols.t_start, t_from)) / dt, 0.0, 1.0)
-    after = np.where(cols.t_end - cols.t_start > 0, after, (cols.t_start >= t_from).astype(float))
+    after = np.clip((cols.t_start + dt - np.maximum(cols.t_start, t_from)) / dt, 0.0, 1.0)
     energy = pred * after
     return energy, static_part(coef, dt * after, energy)
 

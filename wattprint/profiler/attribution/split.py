@@ -43,28 +43,40 @@ def split_steps(cols: StepColumns, g: ModelGeometry, step_energy: np.ndarray, st
     """
     so = cols.step_of
     n_steps = len(cols.t_start)
-    new = (cols.prefill + cols.decode).astype(float)
-    compute = e_flop_step[so] * cols.flops
-    kv = e_byte * (cols.kv_read + cols.kv_write)
+    new = cols.prefill + cols.decode
+    # predicted dynamic parts, built in place (1-2 M entries: every temporary counts)
+    compute = e_flop_step[so]
+    compute *= cols.flops
+    kv = cols.kv_read + cols.kv_write
+    kv *= e_byte
     with np.errstate(divide="ignore", invalid="ignore"):
-        weights = (e_byte * g.weight_bytes / cols.step_tokens)[so] * new
-    weights = np.nan_to_num(weights, nan=0.0, posinf=0.0)
-    d = compute + kv + weights
+        w_per_token = np.where(cols.step_tokens > 0, e_byte * g.weight_bytes / cols.step_tokens, 0.0)
+    weights = w_per_token[so]
+    weights *= new
+    d = compute + kv
+    d += weights
     dsum = np.bincount(so, d, minlength=n_steps)
     ok = dsum > 0
     static = np.minimum(step_static, step_energy)
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_d = np.where(ok, (step_energy - static) / dsum, 0.0)[so]  # dynamic joules per unit of d
-        static_per_d = np.where(ok, static / dsum, 0.0)[so]
-    out = EntrySplit(energy=np.empty(0), compute=per_d * compute, weights=per_d * weights, kv=per_d * kv,
-                     static=static_per_d * d, is_prefill=cols.prefill > 0)
+        inv = np.where(ok, 1.0 / dsum, 0.0)
+    per_dyn = ((step_energy - static) * inv)[so]  # dynamic joules per unit of d
+    compute *= per_dyn
+    kv *= per_dyn
+    weights *= per_dyn
+    energy = (step_energy * inv)[so]
+    energy *= d
+    static_e = (static * inv)[so]
+    static_e *= d
+    out = EntrySplit(energy=energy, compute=compute, weights=weights, kv=kv, static=static_e,
+                     is_prefill=cols.prefill > 0)
     if not ok.all():
         bad = ~ok[so]
-        w = np.where(bad, np.where(cols.step_tokens[so] > 0, new, 1.0), 0.0)
+        w = np.where(bad, np.where(cols.step_tokens[so] > 0, new, 1), 0).astype(float)
         wsum = np.bincount(so, w, minlength=n_steps)
         with np.errstate(divide="ignore", invalid="ignore"):
             frac = np.where(wsum > 0, 1.0 / wsum, 0.0)[so] * w
         out.static[bad] = (static[so] * frac)[bad]
         out.compute[bad] = ((step_energy - static)[so] * frac)[bad]
-    out.energy = out.compute + out.weights + out.kv + out.static
+        out.energy[bad] = (step_energy[so] * frac)[bad]
     return out

@@ -158,3 +158,13 @@ def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.
                                   "intervals": int(len(y)), "capped_steps": int(capped.sum()),
                                   **fit_report(ne, lam)})
     return best[1], best[2]
+
+
+def interval_fit(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np.ndarray, origin: float,
+                 prev_end: float = -FAR_PAST_S) -> dict[str, np.ndarray]:
+    """Each counter interval's measured energy and the fitted model's prediction for it (single
+    intervals, not the fit's 10-interval windows): the fit's quality, for reports."""
+    _, capped = coef.step_energy(cols)
+    X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped, lag=1)
+    known = (b_e[1:] - b_e[:-1]) - y  # capped steps' energy, moved out of y by the design
+    return {"t0": b_t[:-1], "t1": b_t[1:], "measured_j": b_e[1:] - b_e[:-1], "predicted_j": X @ coef.theta + known}

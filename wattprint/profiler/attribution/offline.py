@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from wattprint.errors import InputError
 from wattprint.profiler.attribution.coefficients import Coefficients, prior_coefficients
 from wattprint.profiler.attribution.columns import columns_from_steps
 from wattprint.profiler.attribution.features import FAR_PAST_S
-from wattprint.profiler.attribution.fit import fit_device
+from wattprint.profiler.attribution.fit import fit_device, interval_fit
 from wattprint.profiler.attribution.settle import (
     block_edges,
     extrapolate_after,
@@ -34,6 +34,12 @@ class Attribution:
     totals: Totals
     step_energy_j: np.ndarray  # per step, summed over devices
     fit: list[dict]
+    #: per step: t_start, t_end, and its energy by phase (prefill_j, decode_j) and by component
+    #: (compute_j, weights_j, kv_j, static_j), summed over devices (for reports)
+    step_parts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per device: the counter's intervals (t0, t1, measured_j) and the fitted model's prediction for
+    #: each (predicted_j), the fit's quality at a glance
+    intervals: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -78,7 +84,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
     idle_j = measured_j = extrapolated_j = 0.0
     e_flop_step = np.zeros(len(cols.t_start))
     e_byte = 0.0
-    fits, dev_measured, window = [], [], [math.inf, -math.inf]
+    fits, dev_measured, window, intervals = [], [], [math.inf, -math.inf], []
     for d, (t, e) in sorted(devices.items()):
         b_t, b_e, resets = change_points(t, e, publish_mode(source))
         outside = int(np.count_nonzero((cols.t_end < t[0]) | (cols.t_start > t[-1])))
@@ -95,6 +101,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
             coef, info = coefficients[len(fits)], {"fixed": True}
         info.update(device=d, counter_resets=resets, **coef.as_dict())
         fits.append(info)
+        intervals.append(interval_fit(cols, coef, b_t, b_e, origin))
         edges = block_edges(b_t, window_s)
         energy, idle, static = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
         tail, tail_static = extrapolate_after(cols, coef, float(b_t[-1]))
@@ -118,4 +125,16 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         extrapolated_j=extrapolated_j,
     )
     add_breakdowns(totals, cols, split, table)
-    return Attribution(results, totals, step_energy, fits)
+    return Attribution(results, totals, step_energy, fits, step_parts(cols, split), intervals)
+
+
+def step_parts(cols, split) -> dict[str, np.ndarray]:
+    """Each step's energy by phase and by component (sums of its entries)."""
+    n = len(cols.t_start)
+    so = cols.step_of
+    pre = np.where(split.is_prefill, split.energy, 0.0)
+    out = {"t_start": cols.t_start, "t_end": cols.t_end,
+           "prefill_j": np.bincount(so, pre, n), "decode_j": np.bincount(so, split.energy - pre, n)}
+    for name in ("compute", "weights", "kv", "static"):
+        out[f"{name}_j"] = np.bincount(so, getattr(split, name), n)
+    return out

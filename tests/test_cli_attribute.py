@@ -150,3 +150,51 @@ def test_a_conservation_violation_fails_loudly_and_writes_nothing(trace, tmp_pat
     rc, out, summ = run(trace, tmp_path)
     assert rc == 3 and "conservation violated" in capsys.readouterr().err
     assert not out.exists() and not summ.exists()
+
+
+def test_a_file_read_in_chunks_gives_the_same_attribution(trace, llama8b, h100, monkeypatch):
+    """attribute reads steps.jsonl a chunk at a time (bounded memory): same numbers as in one piece."""
+    from wattprint.profiler.attribution.offline import attribute, attribute_file
+    from wattprint.profiler.core import records
+
+    samples = records.read_energy(trace / "energy.jsonl")
+    whole = attribute(records.load_steps(trace / "steps.jsonl"), samples, llama8b, h100, source="simulated")
+    import wattprint.profiler.attribution.offline as offline
+
+    real = records.iter_step_chunks
+    monkeypatch.setattr(offline, "iter_step_chunks", lambda p: real(p, chunk_bytes=4096))
+    chunked = attribute_file(trace / "steps.jsonl", samples, llama8b, h100, source="simulated")
+    assert [r.energy_j for r in chunked.requests] == pytest.approx([r.energy_j for r in whole.requests], rel=1e-12)
+    assert [(r.prompt_tokens, r.output_tokens, r.stratum) for r in chunked.requests] == \
+        [(r.prompt_tokens, r.output_tokens, r.stratum) for r in whole.requests]
+
+
+def test_chunked_reading_names_the_files_line_across_chunks(trace, tmp_path):
+    from wattprint.errors import InputError
+    from wattprint.profiler.core.records import iter_step_chunks
+
+    lines = (trace / "steps.jsonl").read_text().splitlines()
+    for bad, problem in ((lines[300].replace('"step":300', '"step":3'), "out of order"),
+                         ('{"step": 300, "t_start": "x"}', "invalid record")):
+        p = tmp_path / "steps.jsonl"
+        p.write_text("\n".join(lines[:300] + [bad] + lines[301:]) + "\n")
+        with pytest.raises(InputError) as e:
+            for _ in iter_step_chunks(p, chunk_bytes=2048):
+                pass
+        assert e.value.line == 301 and problem in str(e.value)
+
+
+def test_many_instances_on_a_process_pool(tmp_path, llama8b, h100, capsys):
+    dirs = []
+    for seed in (1, 2, 3):
+        d = tmp_path / f"gpu{seed}"
+        simulate(llama8b, h100, WorkloadSpec(requests=15, rate_rps=5, seed=seed)).write(d)
+        dirs.append(str(d))
+    (tmp_path / "gpu2" / "energy.jsonl").write_text("not json\n")
+    rc = main(["attribute", "--instances", *dirs, "--jobs", "2", "--model", "llama-3.1-8b", "--hardware", "h100-sxm"])
+    assert rc == 2 and "gpu2/energy.jsonl:1" in capsys.readouterr().err
+    for seed in (1, 3):
+        s = json.loads((tmp_path / f"gpu{seed}" / "summary.json").read_text())
+        assert s["conservation_error"] <= 1e-9
+        assert len((tmp_path / f"gpu{seed}" / "requests.jsonl").read_text().splitlines()) == 15
+    assert not (tmp_path / "gpu2" / "requests.jsonl").exists()

@@ -51,6 +51,15 @@ class StepColumns:
         self.step_tokens = np.bincount(self.step_of, new, minlength=n_steps)
         return self
 
+    @classmethod
+    def steps_only(cls, t_start, t_end, step_flops, step_bytes, step_tokens, ids) -> StepColumns:
+        """Step-level columns without entries (the fit and the settlement need no more)."""
+        empty = np.zeros(0, dtype=np.int64)
+        cols = cls(t_start=t_start, t_end=t_end, offsets=np.zeros(len(t_start) + 1, dtype=np.int64), req=empty,
+                   prefill=empty, decode=empty, context=empty, ids=ids)
+        cols.step_flops, cols.step_bytes, cols.step_tokens = step_flops, step_bytes, step_tokens
+        return cols
+
     @property
     def dt(self) -> np.ndarray:
         return np.maximum(self.t_end - self.t_start, 1e-9)

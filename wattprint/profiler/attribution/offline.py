@@ -10,7 +10,7 @@ import numpy as np
 
 from wattprint.errors import InputError
 from wattprint.profiler.attribution.coefficients import Coefficients, prior_coefficients
-from wattprint.profiler.attribution.columns import columns_from_steps
+from wattprint.profiler.attribution.compact import CompactTrace
 from wattprint.profiler.attribution.features import FAR_PAST_S
 from wattprint.profiler.attribution.fit import fit_device, interval_fit
 from wattprint.profiler.attribution.settle import (
@@ -20,10 +20,10 @@ from wattprint.profiler.attribution.settle import (
     with_first_sample,
 )
 from wattprint.profiler.attribution.split import split_steps
-from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
+from wattprint.profiler.attribution.table import add_breakdowns
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
-from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, entry_arrays
+from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, iter_step_chunks
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.timeline.counter import change_points, publish_mode
 
@@ -53,8 +53,8 @@ def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.nda
     return out
 
 
-def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergySample], g: ModelGeometry,
-              hw: HardwareProfile, *, source: str = "unknown", window_s: float = 2.0,
+def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: Sequence[EnergySample],
+              g: ModelGeometry, hw: HardwareProfile, *, source: str = "unknown", window_s: float = 2.0,
               model_name: str | None = None, energy_path: str = "energy.jsonl",
               coefficients: Sequence[Coefficients] | None = None) -> Attribution:
     """Offline attribution of a whole trace (one global fit per device).
@@ -65,25 +65,24 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
 
     ``coefficients``: one per device, used as they are instead of fitting (to compare drivers).
     """
-    entries = None
-    if isinstance(steps, StepTrace):
-        steps, entries = steps.steps, steps.entries
-    if not steps:
+    if isinstance(steps, CompactTrace):
+        trace = steps
+    else:
+        trace = CompactTrace(g)
+        if isinstance(steps, StepTrace):
+            trace.add(steps.steps, steps.entries)
+        else:
+            trace.add(list(steps))
+    if trace.n_steps == 0:
         raise InputError("no steps to attribute")
-    table = RequestTable()
-    if entries is None:
-        entries = entry_arrays(list(steps))
-    cols = columns_from_steps(steps, g, table.slots, table.ids, entries)
-    table.ensure(len(table.ids))
-    note_metadata(table, entries.reqs, entries.slot)
+    cols = trace.step_columns()
+    table = trace.table
     devices = _energy_by_device(samples)
     n_dev = len(devices)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
-    step_energy = np.zeros(len(cols.t_start))
-    step_static = np.zeros(len(cols.t_start))
-    idle_j = measured_j = extrapolated_j = 0.0
-    e_flop_step = np.zeros(len(cols.t_start))
-    e_byte = 0.0
+    n_steps = len(cols.t_start)
+    step_energy, step_static, e_flop_step = np.zeros(n_steps), np.zeros(n_steps), np.zeros(n_steps)
+    idle_j = measured_j = extrapolated_j = e_byte = 0.0
     fits, dev_measured, window, intervals = [], [], [math.inf, -math.inf], []
     for d, (t, e) in sorted(devices.items()):
         b_t, b_e, resets = change_points(t, e, publish_mode(source))
@@ -115,17 +114,33 @@ def attribute(steps: Sequence[StepRecord] | StepTrace, samples: Sequence[EnergyS
         e_flop_step += coef.flop_energy_j(cols)
         e_byte += coef.energy_per_byte_j
         window = [min(window[0], origin), max(window[1], float(b_t[-1]))]
-    split = split_steps(cols, g, step_energy, step_static, e_flop_step, e_byte)
-    table.add(cols, split)
-    results = [table.result(k, source, model_name) for k in range(len(table.ids))]
     totals = Totals(
         measured_j=measured_j, attributed_j=0.0, idle_j=idle_j, source=source,
-        t_start=window[0], t_end=window[1], requests=len(results), steps=len(cols.t_start),
+        t_start=window[0], t_end=window[1], steps=n_steps,
         device_measured_j=dev_measured, coefficients=fits[0] if len(fits) == 1 else {"devices": fits},
         extrapolated_j=extrapolated_j,
     )
-    add_breakdowns(totals, cols, split, table)
-    return Attribution(results, totals, step_energy, fits, step_parts(cols, split), intervals)
+    parts = {"t_start": cols.t_start, "t_end": cols.t_end}
+    for i0, i1 in trace.ranges():  # the split, a range of steps at a time (bounded memory)
+        c = trace.columns(i0, i1)
+        split = split_steps(c, g, step_energy[i0:i1], step_static[i0:i1], e_flop_step[i0:i1], e_byte)
+        table.add(c, split)
+        add_breakdowns(totals, c, split, table)
+        for k, v in step_parts(c, split).items():
+            parts.setdefault(k, np.zeros(n_steps))[i0:i1] = v
+    results = [table.result(k, source, model_name) for k in range(len(table.ids))]
+    totals.requests = len(results)
+    return Attribution(results, totals, step_energy, fits, parts, intervals)
+
+
+def attribute_file(steps_path, samples: Sequence[EnergySample], g: ModelGeometry, hw: HardwareProfile,
+                   **kw) -> Attribution:
+    """:func:`attribute` on a ``steps.jsonl`` read a chunk at a time: memory grows by about 20 bytes
+    per request-step entry (compact columns), not by the parsed records."""
+    trace = CompactTrace(g)
+    for steps, entries in iter_step_chunks(steps_path):
+        trace.add(steps, entries)
+    return attribute(trace, samples, g, hw, **kw)
 
 
 def step_parts(cols, split) -> dict[str, np.ndarray]:
@@ -133,8 +148,7 @@ def step_parts(cols, split) -> dict[str, np.ndarray]:
     n = len(cols.t_start)
     so = cols.step_of
     pre = np.where(split.is_prefill, split.energy, 0.0)
-    out = {"t_start": cols.t_start, "t_end": cols.t_end,
-           "prefill_j": np.bincount(so, pre, n), "decode_j": np.bincount(so, split.energy - pre, n)}
+    out = {"prefill_j": np.bincount(so, pre, n), "decode_j": np.bincount(so, split.energy - pre, n)}
     for name in ("compute", "weights", "kv", "static"):
         out[f"{name}_j"] = np.bincount(so, getattr(split, name), n)
     return out

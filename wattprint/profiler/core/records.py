@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
@@ -104,12 +105,15 @@ def gc_paused():
             gc.enable()
 
 
-def _decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str) -> list:
+def _decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str, line0: int = 0) -> list:
     try:
         with gc_paused():
             return decoder.decode_lines(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        raise _locate_bad_line(data, decoder, path) from None
+        err = _locate_bad_line(data, decoder, path)
+        if err.line is not None:
+            err = InputError(err.reason, path, err.line + line0)
+        raise err from None
 
 
 def _line_numbers(data: bytes) -> list[int]:
@@ -160,13 +164,20 @@ class StepTrace:
 
 
 def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None,
-                   entries: EntryArrays | None = None) -> EntryArrays:
-    """Check order and values (vectorised); raises :class:`InputError` naming the line."""
+                   entries: EntryArrays | None = None, *, prev: StepRecord | None = None,
+                   line0: int = 0) -> EntryArrays:
+    """Check order and values (vectorised); raises :class:`InputError` naming the line. ``prev``: the
+    step before these (a file read in chunks); ``line0``: lines before ``data`` in the file."""
     n = len(steps)
+    shift = 0
+    if prev is not None and steps:
+        steps = [prev, *steps]  # checked against the previous chunk's last step, then dropped
+        n += 1
+        shift = 1
 
     def fail(i: int, problem: str):
         lines = _line_numbers(data) if data is not None else None
-        raise InputError(problem, path, lines[i] if lines else None)
+        raise InputError(problem, path, lines[i - shift] + line0 if lines else None)
 
     t0 = np.fromiter(map(_get_t0, steps), float, n)
     t1 = np.fromiter(map(_get_t1, steps), float, n)
@@ -187,6 +198,8 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
             if order[i - 1]:
                 fail(i, f"steps out of order: step {num[i]} after step {num[i - 1]}")
             fail(i, f"steps out of order: t_start {t0[i]} is before the previous step's t_end {t1[i - 1]}")
+    steps = steps[shift:]
+    shift = 0  # entry problems below index this chunk's own steps
     e = entries if entries is not None else entry_arrays(steps)
     bad = (e.prefill < 0) | (e.decode < 0) | (e.context < 0) | (e.prefill + e.decode == 0)
     if bad.any():
@@ -204,6 +217,38 @@ def load_steps(path: str | Path) -> StepTrace:
     steps = _decode_lines(data, _step_decoder, str(path))
     entries = validate_steps(steps, str(path), data)
     return StepTrace(steps, entries, str(path), data)
+
+
+def iter_step_chunks(path: str | Path, chunk_bytes: int = 32 << 20) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
+    """Parse and validate ``steps.jsonl`` a chunk of whole lines at a time (bounded memory: only one
+    chunk's records exist at once); order is checked across chunks, errors name the file's line."""
+    path_s = str(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path_s) from exc
+    prev, line0, rest, any_steps = None, 0, b"", False
+    with f:
+        while True:
+            block = f.read(chunk_bytes)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                data, rest = (data[:cut], data[cut:]) if cut else (b"", data)
+            else:
+                rest = b""
+            if data.strip():
+                steps = _decode_lines(data, _step_decoder, path_s, line0)
+                entries = validate_steps(steps, path_s, data, prev=prev, line0=line0)
+                if steps:
+                    any_steps = True
+                    prev = steps[-1]
+                    yield steps, entries
+            line0 += data.count(b"\n")
+            if not block:
+                break
+    if not any_steps:
+        raise InputError("no steps", path_s)
 
 
 def read_steps(path: str | Path) -> list[StepRecord]:

@@ -16,7 +16,7 @@ from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.records import EntryArrays, StepRecord
 
 _I32 = np.iinfo(np.int32).max
-SPLIT_ENTRIES = 1 << 20  # entries per range of the split
+SPLIT_ENTRIES = 1 << 18  # entries per range of the split
 
 
 class CompactTrace:
@@ -56,8 +56,9 @@ class CompactTrace:
 
     def _arrays(self) -> dict[str, np.ndarray]:
         if self._cat is None:
-            self._cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in {**self._steps, **self._entries}.items()}
-            for k, v in {**self._steps, **self._entries}.items():  # keep one copy only
+            self._cat = {}
+            for k, v in {**self._steps, **self._entries}.items():  # one column at a time, one copy kept
+                self._cat[k] = np.concatenate(v) if v else np.zeros(0)
                 v[:] = [self._cat[k]]
             offsets = np.zeros(len(self._cat["counts"]) + 1, dtype=np.int64)
             np.cumsum(self._cat["counts"], out=offsets[1:])

@@ -105,15 +105,12 @@ def gc_paused():
             gc.enable()
 
 
-def _decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str, line0: int = 0) -> list:
+def _decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str) -> list:
     try:
         with gc_paused():
             return decoder.decode_lines(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        err = _locate_bad_line(data, decoder, path)
-        if err.line is not None:
-            err = InputError(err.reason, path, err.line + line0)
-        raise err from None
+        raise _locate_bad_line(data, decoder, path) from None
 
 
 def _line_numbers(data: bytes) -> list[int]:
@@ -164,10 +161,9 @@ class StepTrace:
 
 
 def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None,
-                   entries: EntryArrays | None = None, *, prev: StepRecord | None = None,
-                   line0: int = 0) -> EntryArrays:
-    """Check order and values (vectorised); raises :class:`InputError` naming the line. ``prev``: the
-    step before these (a file read in chunks); ``line0``: lines before ``data`` in the file."""
+                   entries: EntryArrays | None = None, *, prev: StepRecord | None = None) -> EntryArrays:
+    """Check order and values (vectorised); raises :class:`InputError` naming the line of ``data``.
+    ``prev``: the step before these (a file read in chunks)."""
     n = len(steps)
     shift = 0
     if prev is not None and steps:
@@ -177,7 +173,7 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
 
     def fail(i: int, problem: str):
         lines = _line_numbers(data) if data is not None else None
-        raise InputError(problem, path, lines[i - shift] + line0 if lines else None)
+        raise InputError(problem, path, lines[i - shift] if lines else None)
 
     t0 = np.fromiter(map(_get_t0, steps), float, n)
     t1 = np.fromiter(map(_get_t1, steps), float, n)
@@ -219,7 +215,7 @@ def load_steps(path: str | Path) -> StepTrace:
     return StepTrace(steps, entries, str(path), data)
 
 
-def iter_step_chunks(path: str | Path, chunk_bytes: int = 32 << 20) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
+def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
     """Parse and validate ``steps.jsonl`` a chunk of whole lines at a time (bounded memory: only one
     chunk's records exist at once); order is checked across chunks, errors name the file's line."""
     path_s = str(path)
@@ -227,28 +223,36 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 32 << 20) -> Iterator[
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path_s) from exc
-    prev, line0, rest, any_steps = None, 0, b"", False
+    prev, offset, rest, any_steps = None, 0, b"", False
     with f:
         while True:
             block = f.read(chunk_bytes)
             data = rest + block
+            rest = b""
             if block:
                 cut = data.rfind(b"\n") + 1
-                data, rest = (data[:cut], data[cut:]) if cut else (b"", data)
-            else:
-                rest = b""
-            if data.strip():
-                steps = _decode_lines(data, _step_decoder, path_s, line0)
-                entries = validate_steps(steps, path_s, data, prev=prev, line0=line0)
-                if steps:
-                    any_steps = True
-                    prev = steps[-1]
-                    yield steps, entries
-            line0 += data.count(b"\n")
+                data, rest = data[:cut], data[cut:]
+            try:
+                steps = _decode_lines(data, _step_decoder, path_s) if data else []
+                entries = validate_steps(steps, path_s, data, prev=prev) if steps else None
+            except InputError as exc:  # name the file's line: count the lines before this chunk
+                if exc.line is None:
+                    raise
+                raise InputError(exc.reason, path_s, exc.line + _lines_before(path, offset)) from None
+            if steps:
+                any_steps = True
+                prev = steps[-1]
+                yield steps, entries
+            offset += len(data)
             if not block:
                 break
     if not any_steps:
         raise InputError("no steps", path_s)
+
+
+def _lines_before(path: str | Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n")
 
 
 def read_steps(path: str | Path) -> list[StepRecord]:

@@ -1,0 +1,82 @@
+"""Benchmark: peak memory and speed of ``wattprint attribute`` as traces grow.
+
+Simulated traces at 20 requests/s (Llama-3.1-8B geometry on the H100 twin) of 3,000 and 12,000
+requests; each is attributed end to end by the command in a fresh process pinned to one core, and that
+process reports its own peak resident memory (``ru_maxrss``) and wall time.
+
+    .venv/bin/python bench/bench_memory.py [--requests 3000 12000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+CHILD = """
+import resource, sys, time
+from wattprint.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+print("RESULT", rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def trace(n: int) -> Path:
+    d = CACHE / f"mem-{n}"
+    if not (d / "steps.jsonl").exists():
+        from wattprint.commands.common import model_geometry
+        from wattprint.profiler.core.hardware import load_profile
+        from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
+
+        print(f"generating the {n}-request trace (once) ...", flush=True)
+        spec = WorkloadSpec(requests=n, rate_rps=20.0, output_max=1280, quiet_s=0.0, seed=7)
+        simulate(model_geometry("llama-3.1-8b"), load_profile("h100-sxm"), spec).write(d)
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, nargs="+", default=[3000, 12000])
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print(f"\n## attribute: peak memory and speed ({date.today()}, {platform.machine()}, {os.cpu_count()} cores)\n")
+    print(f"`.venv/bin/python bench/bench_memory.py --requests {' '.join(map(str, args.requests))} --runs {args.runs}`\n")
+    print("| requests | steps | request-step entries | steps.jsonl | peak RSS (median) | wall (median) | entries/s |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.requests:
+        d = trace(n)
+        steps = entries = 0
+        with open(d / "steps.jsonl", "rb") as f:
+            for line in f:
+                steps += 1
+                entries += line.count(b'"id"')
+        cmd = [sys.executable, "-c", CHILD, "attribute", "--steps", str(d / "steps.jsonl"), "--energy",
+               str(d / "energy.jsonl"), "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--out",
+               str(d / "requests.jsonl"), "--summary", str(d / "summary.json"), "-q"]
+        rss, wall = [], []
+        for _ in range(args.runs):
+            out = subprocess.run(pin + cmd, check=True, env=env, capture_output=True, text=True).stdout
+            _, rc, w, m = next(x for x in out.splitlines() if x.startswith("RESULT")).split()
+            assert rc == "0"
+            rss.append(float(m))
+            wall.append(float(w))
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["conservation_error"] <= 1e-9
+        mb = (d / "steps.jsonl").stat().st_size / 1e6
+        print(f"| {n} | {steps} | {entries:,} | {mb:.0f} MB | {statistics.median(rss):.0f} MB | "
+              f"{statistics.median(wall):.2f} s | {entries / statistics.median(wall) / 1e6:.2f} M |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from wattprint.profiler.attribution.settle import (
 from wattprint.profiler.attribution.split import split_steps
 from wattprint.profiler.attribution.table import add_breakdowns
 from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, iter_step_chunks
 from wattprint.profiler.core.results import RequestResult, Totals
@@ -79,6 +80,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: S
     table = trace.table
     devices = _energy_by_device(samples)
     n_dev = len(devices)
+    table.ideal = IdealCost.of(g, hw, n_dev)
     t_first, t_last = float(cols.t_start[0]), float(cols.t_end[-1])
     n_steps = len(cols.t_start)
     step_energy, step_static, e_flop_step = np.zeros(n_steps), np.zeros(n_steps), np.zeros(n_steps)

@@ -16,6 +16,7 @@ from wattprint.profiler.attribution.settle import extrapolate_after, settle_devi
 from wattprint.profiler.attribution.split import split_steps
 from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
 from wattprint.profiler.core.costmodel import ModelGeometry
+from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import StepRecord
 from wattprint.profiler.core.results import RequestResult, Totals
@@ -56,7 +57,7 @@ class OnlineAttributor:
         self._max_step_s = 0.0
         self._settled_until: float | None = None
         self._prev_end = -FAR_PAST_S  # end of the last step wholly settled
-        self.table = RequestTable()
+        self.table = RequestTable(IdealCost.of(geometry, profile, n_devices))
         self._emitted: set[int] = set()
         # coefficients: one per device, used as they are (no running fit), to compare with offline
         coefs = coefficients or [prior_coefficients(profile, n_devices)] * n_devices

@@ -9,6 +9,7 @@ import numpy as np
 
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.split import EntrySplit
+from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.records import RequestEntry
 from wattprint.profiler.core.results import RequestResult, Totals
 
@@ -22,7 +23,8 @@ class RequestTable:
     #: initial values of the columns that are not sums (-1: not known yet)
     _INITIAL = {"t_start": math.inf, "t_end": -math.inf, "cached_tokens": -1.0, "given_output_tokens": -1.0}
 
-    def __init__(self):
+    def __init__(self, ideal: IdealCost | None = None):
+        self.ideal = ideal  # grades results (efficiency classes), when the drivers know the hardware
         self.ids: list[str] = []
         self.slots: dict[str, int] = {}
         self.data = np.zeros((len(self.FIELDS), 0))
@@ -76,7 +78,7 @@ class RequestTable:
     def without(self, drop: set[int]) -> RequestTable:
         """A new table without the slots in ``drop`` (the online driver forgets emitted requests)."""
         keep = [k for k in range(len(self.ids)) if k not in drop]
-        new = RequestTable()
+        new = RequestTable(self.ideal)
         new.ensure(len(keep))
         for j, k in enumerate(keep):
             new.ids.append(self.ids[k])
@@ -91,6 +93,8 @@ class RequestTable:
     def result(self, slot: int, source: str, model: str | None, status: str = "final") -> RequestResult:
         d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
         prompt, cached, output = token_counts(d)
+        ideal = None if self.ideal is None else self.ideal.energy_j(
+            d["flops"], d["kv_read_bytes"] + d["kv_write_bytes"], d["prefill_tokens"] + d["decode_tokens"])
         return RequestResult(
             id=self.ids[slot], energy_j=d["energy_j"], prefill_j=d["prefill_j"], decode_j=d["decode_j"],
             kv_j=d["kv_j"], compute_j=d["compute_j"], weights_j=d["weights_j"], static_j=d["static_j"],
@@ -98,7 +102,7 @@ class RequestTable:
             prompt_tokens=prompt, output_tokens=output, cached_prompt_tokens=cached, flops=d["flops"],
             stratum=self.stratum.get(slot),
             source=source, t_start=d["t_start"] if math.isfinite(d["t_start"]) else None,
-            t_end=d["t_end"] if math.isfinite(d["t_end"]) else None, model=model, status=status,
+            t_end=d["t_end"] if math.isfinite(d["t_end"]) else None, model=model, status=status, ideal_j=ideal,
         )
 
 

@@ -26,8 +26,9 @@ class RequestResult(msgspec.Struct):
     t_end: float | None = None  # last step end
     model: str | None = None
     status: str = "final"  # "final", or "provisional" while the request is still running / not yet settled
-    flops_per_j: float | None = None  # model FLOPs per attributed joule
-    efficiency_class: str | None = None  # A-G (configs/efficiency.yaml)
+    ideal_j: float | None = None  # its work's energy at the best operating point (core/efficiency.py)
+    efficiency: float | None = None  # ideal_j / energy_j
+    efficiency_class: str | None = None  # A-G (configs/efficiency.yaml, docs/efficiency.md)
     compute_j: float = 0.0  # v2 components: dynamic energy of the request's FLOPs,
     weights_j: float = 0.0  # of its share of reading the weights,
     static_j: float = 0.0  # and its share of the step's static power (kv_j: its KV traffic's own)
@@ -38,11 +39,11 @@ class RequestResult(msgspec.Struct):
         return self.energy_j / self.output_tokens if self.output_tokens else None
 
     def __post_init__(self):
-        if self.efficiency_class is None and self.energy_j > 0:
-            from wattprint.profiler.core.efficiency import efficiency_class, flops_per_j
+        if self.efficiency is None and self.ideal_j is not None:
+            from wattprint.profiler.core.efficiency import efficiency, efficiency_class
 
-            self.flops_per_j = flops_per_j(self.flops, self.energy_j)
-            self.efficiency_class = efficiency_class(self.flops, self.energy_j)
+            self.efficiency = efficiency(self.ideal_j, self.energy_j)
+            self.efficiency_class = efficiency_class(self.efficiency)
 
 
 class Totals(msgspec.Struct):

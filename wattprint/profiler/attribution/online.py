@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from wattprint.profiler.attribution.coefficients import Coefficients, prior_coef
 from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
 from wattprint.profiler.attribution.devices import OnlineDevice
 from wattprint.profiler.attribution.features import FAR_PAST_S
+from wattprint.profiler.attribution.provisional import predicted_parts
 from wattprint.profiler.attribution.settle import extrapolate_after, settle_device
 from wattprint.profiler.attribution.split import split_steps
 from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
@@ -52,6 +54,7 @@ class OnlineAttributor:
         self.lookahead_s = lookahead if coefficients is None else 0.0
         self._fitted_until: float | None = None
         self._steps: list[StepRecord] = []
+        self._by_request: dict[str, deque[StepRecord]] = {}
         self._last_step: StepRecord | None = None
         self._received_until = -math.inf
         self._max_step_s = 0.0
@@ -79,6 +82,8 @@ class OnlineAttributor:
             self.late_steps += 1  # its time was already settled (as idle)
             return
         self._steps.append(step)
+        for r in step.requests:  # each request's unsettled steps, for provisional lookups
+            self._by_request.setdefault(r.id, deque()).append(step)
         self._last_step = step
         self._received_until = step.t_end
         self._max_step_s = max(self._max_step_s, step.t_end - step.t_start)
@@ -131,11 +136,17 @@ class OnlineAttributor:
         return len(self.table.ids) - len(self._emitted)
 
     def provisional(self, request_id: str) -> RequestResult | None:
-        """A request not yet final, as far as it is settled (status ``provisional``)."""
+        """A request not yet final (status ``provisional``): its settled part plus the fitted model's
+        prediction for its steps past the settled time."""
         k = self.table.slots.get(request_id)
         if k is None or k in self._emitted:
             return None
-        return self.table.result(k, self.source, self.model, status="provisional")
+        since = self._settled_until if self._settled_until is not None else -math.inf
+        pending = [s for s in self._by_request.get(request_id, ()) if s.t_end > since]
+        add = None
+        if pending:
+            add = predicted_parts(pending, k, self.g, self.table, [d.coef for d in self._dev], since)
+        return self.table.result(k, self.source, self.model, status="provisional", add=add)
 
     def finish(self) -> list[RequestResult]:
         """Shut down: settle what the counters cover (a last block may be short), give steps past the
@@ -263,6 +274,15 @@ class OnlineAttributor:
         tot.steps += int(done.sum())
         if done.any():
             self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
+        for s in self._steps:
+            if s.t_end > end:
+                break
+            for r in s.requests:  # settled: no longer pending (each deque is in time order)
+                q = self._by_request.get(r.id)
+                if q and q[0] is s:
+                    q.popleft()
+                    if not q:
+                        del self._by_request[r.id]
         self._steps = [s for s in self._steps if s.t_end > end]
         live = {self.table.slots[r.id] for s in self._steps for r in s.requests}
         done_ids = self.table.finished - live - self._emitted

@@ -90,8 +90,12 @@ class RequestTable:
                 new.finished.add(j)
         return new
 
-    def result(self, slot: int, source: str, model: str | None, status: str = "final") -> RequestResult:
+    def result(self, slot: int, source: str, model: str | None, status: str = "final",
+               add: dict[str, float] | None = None) -> RequestResult:
+        """The record of a request; ``add``: amounts to add to its sums (a provisional prediction)."""
         d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
+        for f, v in (add or {}).items():
+            d[f] += v
         prompt, cached, output = token_counts(d)
         ideal = None if self.ideal is None else self.ideal.energy_j(
             d["flops"], d["kv_read_bytes"] + d["kv_write_bytes"], d["prefill_tokens"] + d["decode_tokens"])

@@ -290,6 +290,17 @@ class WattprintCollector:
             if v is not None:
                 m.add_metric([str(name)], v)
         out.append(m)
+
+        m = GaugeMetricFamily(
+            "wattprint_model_coefficient_fitted",
+            "1 where the counter's data determined the coefficient, 0 where it is still the hardware profile's "
+            "(its prior), by name.",
+            labels=["name"],
+        )
+        for flag, key in ((1.0, "fitted"), (0.0, "from_profile")):
+            for name in sorted(snap.coefficients.get(key) or ()):
+                m.add_metric([str(name)], flag)
+        out.append(m)
         return out
 
 

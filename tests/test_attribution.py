@@ -103,7 +103,7 @@ def test_tokens_and_bytes(run, llama8b):
 
 def test_online_matches_truth_and_conserves_at_every_instant(llama8b, h100):
     sim = simulate(llama8b, h100, WorkloadSpec(requests=150, rate_rps=6, seed=21, busy_s=15, quiet_s=4))
-    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated")
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", fit_warmup_s=5.0)
     polls = [(e.t, 0, e) for e in sim.energy]
     events = sorted(polls + [(s.t_end, 1, s) for s in sim.steps], key=lambda x: (x[0], x[1]))
     out, max_held = [], 0
@@ -147,7 +147,7 @@ def test_online_rejects_out_of_order(llama8b, h100):
 def test_online_settles_a_request_aborted_between_steps(llama8b, h100):
     """A request that never gets a finished flag (aborted while not scheduled) is settled after a while."""
     on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=2.0,
-                          fit_lookahead_s=0.5)
+                          fit_lookahead_s=0.5, fit_warmup_s=0.5)
     e, t = 0.0, 0.0
     step = 0
     out = []
@@ -171,7 +171,7 @@ def test_a_request_back_after_a_stale_emit_gets_a_new_record(llama8b, h100):
     """Energy a request receives after it was emitted as stale reaches a record (it used to be counted
     in attributed_j but appear in no record)."""
     on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", window_s=0.5, stale_after_s=1.0,
-                          fit_lookahead_s=0.5)
+                          fit_lookahead_s=0.5, fit_warmup_s=0.5)
     e, t, step, out = 0.0, 0.0, 0, []
     while t < 8.0:
         reqs = [RequestEntry("kept", 0, 1, 100 + step)]

@@ -41,6 +41,7 @@ class OnlineAttributor:
     def __init__(self, geometry: ModelGeometry, profile: HardwareProfile, *, n_devices: int, source: str,
                  model_name: str | None = None, window_s: float = 2.0, fit_half_life_s: float = 600.0,
                  grace_s: float = 1.0, stale_after_s: float = 300.0, fit_lookahead_s: float | None = None,
+                 fit_warmup_s: float | None = None,
                  coefficients: Sequence[Coefficients] | None = None):
         self.g, self.hw, self.n_dev, self.source = geometry, profile, n_devices, source
         self.model = model_name or geometry.name
@@ -52,7 +53,12 @@ class OnlineAttributor:
         # by an unformed fit; final records come that much later (provisional ones at once)
         lookahead = 5.0 * window_s if fit_lookahead_s is None else fit_lookahead_s
         self.lookahead_s = lookahead if coefficients is None else 0.0
+        # and nothing is settled before the fit has seen this much of the counter (default: ten windows,
+        # 20 s): a sidecar's first blocks are not split by a fit formed on seconds of data
+        warmup = 10.0 * window_s if fit_warmup_s is None else fit_warmup_s
+        self.warmup_s = warmup if coefficients is None else 0.0
         self._fitted_until: float | None = None
+        self._fit_from: float | None = None
         self._steps: list[StepRecord] = []
         self._by_request: dict[str, deque[StepRecord]] = {}
         self._last_step: StepRecord | None = None
@@ -220,6 +226,8 @@ class OnlineAttributor:
                 b_t, b_e = dev.boundaries_between(start, end)
                 dev.update_fit(cols, b_t, b_e, start, prev_end, self.half_life_s)
         self._fitted_until = end
+        if self._fit_from is None:
+            self._fit_from = start
         return True
 
     def _settle_next(self, now_s: float) -> bool:
@@ -228,7 +236,8 @@ class OnlineAttributor:
             return False
         start, end = edges
         if self._dev[0].fit and not self._flushing and (
-                self._fitted_until is None or self._fitted_until < end + self.lookahead_s):
+                self._fitted_until is None or self._fitted_until < end + self.lookahead_s
+                or self._fitted_until - self._fit_from < self.warmup_s):
             return False  # wait until the fit has seen the counter past this block
         steps = [s for s in self._steps if s.t_start < end]
         cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None

@@ -95,7 +95,7 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
 
     def req(rid, prompt, outputs=0, computed=0, stratum=None):
         return NS(request_id=rid, num_prompt_tokens=prompt, num_tokens=prompt + outputs,
-                  num_computed_tokens=computed, status=RUNNING,
+                  output_token_ids=[0] * outputs, num_computed_tokens=computed, status=RUNNING,
                   sampling_params=NS(extra_args={"stratum": stratum} if stratum else None))
 
     a = req("a-0123abcd", 10, stratum="science")
@@ -113,8 +113,10 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     s2 = schedule(2.0, {a.request_id: 1, b.request_id: 8})   # async: before update(s1)
     obs.on_update(s1, 3.0)
     a.num_tokens += 1
+    a.output_token_ids.append(1)
     s3 = schedule(3.5, {a.request_id: 1, b.request_id: 1})
     a.status = FINISHED  # a stops (EOS) in update(s2) while s3, which has it, is in flight
+    a.output_token_ids.append(2)
     obs.on_update(s2, 4.0)
     b.status = FINISHED  # b is aborted while s3 runs
     obs.on_update(s3, 5.0, idle=True)
@@ -136,6 +138,9 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     assert rows[0] == {"a": (10, 0, 0, False), "b": (8, 0, 0, False)}
     assert rows[1] == {"a": (0, 1, 10, False), "b": (8, 0, 8, False)}  # b: outputs recomputed = prefill
     assert rows[2] == {"a": (0, 1, 11, True), "b": (0, 1, 16, True)}  # finished once, on the last step
+    # the engine's output count, on the finished entry only (s3's token for a was discarded by vLLM)
+    assert [{e.id: e.output_tokens for e in r.requests} for r in records][2] == {"a": 2, "b": 5}
+    assert all(e.output_tokens is None for r in records[:2] for e in r.requests)
     assert all(e.stratum == ("science" if e.id == "a" else None) for r in records for e in r.requests)
     assert all(e.prompt_tokens == {"a": 10, "b": 12}[e.id] for r in records for e in r.requests)
     assert obs.info == {} and obs.pending == {}
@@ -156,8 +161,8 @@ def test_hook_stats_summary(tmp_path):
     stats.dump()
     assert not list(tmp_path.glob("stats-*.json"))  # no Hello yet: no scheduler in this process
     obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
-    r = NS(request_id="a", num_prompt_tokens=4, num_tokens=4, num_computed_tokens=0, status=5,
-           sampling_params=None)
+    r = NS(request_id="a", num_prompt_tokens=4, num_tokens=4, output_token_ids=[], num_computed_tokens=0,
+           status=5, sampling_params=None)
     sched = NS(requests={"a": r})
     for t, n, idle in ((1.0, 4, False), (2.0, 1, True)):
         r.num_computed_tokens += n
@@ -377,6 +382,7 @@ def test_step_records_match_the_engine(engine):
         assert all(e.stratum == s for e in entries)
         # finished exactly once, on the last step of the request.
         assert [e.finished for e in entries] == [False] * (len(entries) - 1) + [True]
+        assert entries[-1].output_tokens == n_out  # the engine's count, on the finished entry
 
     # The long prompt is split into several prefill chunks of at most MAX_BATCHED tokens.
     long_rows = [e for _, e in per_req[outs[0].request_id] if e.prefill_tokens]

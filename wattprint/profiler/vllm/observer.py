@@ -8,7 +8,9 @@ The hook (:mod:`wattprint.profiler.vllm.hook`) calls :class:`StepObserver` from 
   the context before the step is ``num_computed_tokens - scheduled``), ``num_prompt_tokens``,
   ``num_tokens`` and ``sampling_params.extra_args['stratum']``;
 * after ``Scheduler.update_from_output`` (:meth:`StepObserver.on_update`, with ``time.monotonic()``
-  taken after vLLM's own): it reads ``Request.status`` (finished and aborted requests) and emits the step.
+  taken after vLLM's own): it reads ``Request.status`` (finished and aborted requests) and, for a
+  request that finished, ``len(Request.output_token_ids)`` (the tokens the engine generated for it), then
+  emits the step.
 
 A step spans from its ``schedule()`` to its ``update_from_output()``. With async scheduling (a batch
 queue) the next ``schedule()`` runs before the previous ``update_from_output()``; the step then starts
@@ -16,9 +18,16 @@ at the previous step's end, so that steps never overlap, and a request is flagge
 step that has it. Steps where nothing was scheduled are not emitted.
 
 Tokens of a request in a step are prefill tokens while the request is catching up with tokens it
-already has (its prompt, or after a preemption its prompt and outputs: recompute counts as prefill),
-and decode tokens otherwise (speculative draft tokens included). Request ids are the ids the caller
-gave vLLM (:func:`wattprint.profiler.vllm.ids.strip_random_suffix`).
+already has (its prompt, or after a preemption its prompt and outputs: recompute counts as prefill,
+however small the chunk), and decode tokens otherwise (speculative draft tokens included). The context
+of a request's first entry is what the prefix cache (or a KV connector) supplied: vLLM sets
+``num_computed_tokens`` to the hit before the step. A request's last entry is flagged ``finished`` and
+carries ``output_tokens``, the engine's own count (tokens of steps still in flight when it stopped, which
+vLLM discards, are not in it). Request ids are the ids the caller gave vLLM
+(:func:`wattprint.profiler.vllm.ids.strip_random_suffix`).
+
+A request aborted between steps (not in a step in flight) gets no finished entry: no later step has it,
+and an entry without tokens is not a valid record; consumers settle it when it goes stale.
 
 The observer never raises into vLLM (the hook catches and calls :meth:`StepObserver.error`): the first
 error is logged (one warning) and the step is skipped; after ``MAX_ERRORS`` errors the observer switches
@@ -131,7 +140,7 @@ class StepObserver:
                 inf = self._new_info(rid, r)
             before = r.num_computed_tokens - n  # the scheduler already advanced it by n
             p = r.num_prompt_tokens
-            if before < p or (n > 1 and before < r.num_tokens - 1):  # prompt, or recompute
+            if before < p or before < r.num_tokens - 1:  # the prompt, or recompute after a preemption
                 add_entry(RequestEntry(inf[0], n, 0, before, inf[1], p))
             else:
                 add_entry(RequestEntry(inf[0], 0, n, before, inf[1], p))
@@ -170,6 +179,7 @@ class StepObserver:
             if rid in later[0]:
                 return
         entry.finished = True
+        entry.output_tokens = len(request.output_token_ids)
         del self.info[rid]
 
     def _sweep(self, requests) -> None:

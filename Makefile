@@ -27,13 +27,15 @@ ifeq ($(ENGINE),cpu)
 endif
 	touch $(STAMP)
 
-# Real Prometheus and promtool for the integration tests (Debian package), when we may install it.
+# Real Prometheus and promtool, and headless Chromium, for the integration tests (Debian packages), when
+# we may install them.
+SYSTEM_PKGS := $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v chromium),,chromium)
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@pkgs="$(strip $(SYSTEM_PKGS))"; [ -z "$$pkgs" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-	      || echo "warning: could not install prometheus; its tests will be skipped"; \
-	  else echo "warning: promtool missing and not root; its tests will be skipped"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null) \
+	      || echo "warning: could not install $$pkgs; their tests will be skipped"; \
+	  else echo "warning: $$pkgs missing and not root; their tests will be skipped"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/wattprint demo --out wattprint-demo

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
 from wattprint.exporters.http import WattprintMiddleware
+from wattprint.profiler.sidecar import access
 
 BASE = "http://sidecar:9464"
+KEY = b"k" * 64
 
 
 def _scope(path="/v1/chat/completions", method="POST", headers=()):
@@ -43,7 +46,7 @@ class EchoApp:
                         "more_body": i < self.chunks - 1})
 
 
-def _run(app, scope, body_parts):
+def _run(app, scope, body_parts, key=KEY):
     msgs = [{"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1} for i, p in enumerate(body_parts)]
     sent = []
 
@@ -55,8 +58,21 @@ def _run(app, scope, body_parts):
     async def send(m):
         sent.append(m)
 
-    asyncio.run(WattprintMiddleware(app, energy_base_url=BASE)(scope, receive, send))
+    asyncio.run(WattprintMiddleware(app, energy_base_url=BASE, url_key=key)(scope, receive, send))
     return sent
+
+
+def _url(url: str) -> tuple[str, str, str]:
+    """(response id, ref, sig) of an energy URL, checked against KEY."""
+    parts = urlsplit(url)
+    rid = unquote(parts.path.rsplit("/", 1)[1])
+    q = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert access.verify(KEY, rid, q["ref"], q["sig"])
+    return rid, q["ref"], q["sig"]
+
+
+def _xargs(app) -> dict:
+    return json.loads(app.seen["body"])["vllm_xargs"]
 
 
 def _headers(sent):
@@ -71,9 +87,11 @@ def test_headers_from_x_request_id_and_stratum_rewrite():
                                      (b"content-length", str(len(body)).encode())]), [body[:10], body[10:]])
     h = _headers(sent)
     assert h["x-wattprint-request-id"] == "chatcmpl-abc"
-    assert h["x-wattprint-energy-url"] == f"{BASE}/v1/requests/chatcmpl-abc"
+    assert h["x-wattprint-energy-url"].startswith(f"{BASE}/v1/requests/chatcmpl-abc?ref=")
+    rid, ref, _ = _url(h["x-wattprint-energy-url"])
     seen = json.loads(app.seen["body"])
-    assert seen["vllm_xargs"] == {"stratum": "science"} and seen["messages"][0]["content"] == "hé"
+    assert rid == "chatcmpl-abc" and seen["messages"][0]["content"] == "hé"
+    assert seen["vllm_xargs"] == {"stratum": "science", "wattprint_ref": ref}
     assert app.seen["headers"][b"content-length"] == str(len(app.seen["body"])).encode()
     assert list(app.seen["headers"]).count(b"content-length") == 1
 
@@ -84,7 +102,27 @@ def test_request_id_generated_when_absent_and_used_by_the_engine():
     h = _headers(sent)
     rid = app.seen["headers"][b"x-request-id"].decode()  # vLLM builds the response id from it
     assert len(rid) == 32 and h["x-wattprint-request-id"] == f"cmpl-{rid}"
-    assert app.seen["body"] == b'{"model": "m", "prompt": "x"}'  # no stratum header: body untouched
+    _, ref, _ = _url(h["x-wattprint-energy-url"])
+    assert json.loads(app.seen["body"]) == {"model": "m", "prompt": "x", "vllm_xargs": {"wattprint_ref": ref}}
+    app = EchoApp()
+    sent = _run(app, _scope("/v1/completions"), [b'{"model": "m", "prompt": "x"}'], key=None)
+    assert app.seen["body"] == b'{"model": "m", "prompt": "x"}'  # no key: no reference, body untouched
+    assert "x-wattprint-energy-url" not in _headers(sent) and "x-wattprint-request-id" in _headers(sent)
+
+
+def test_same_x_request_id_gets_separate_urls_and_client_refs_are_replaced():
+    urls, refs = [], []
+    for _ in range(2):
+        app = EchoApp()
+        body = b'{"model": "m", "vllm_xargs": {"wattprint_ref": "stolen"}}'
+        sent = _run(app, _scope(headers=[(b"x-request-id", b"same")]), [body])
+        urls.append(_headers(sent)["x-wattprint-energy-url"])
+        refs.append(_xargs(app)["wattprint_ref"])
+    assert urls[0] != urls[1] and refs[0] != refs[1] and "stolen" not in refs
+    assert [_url(u)[1] for u in urls] == refs
+    rid, ref, sig = _url(urls[0])
+    assert not access.verify(KEY, rid, refs[1], sig)  # a signature is good for one reference only
+    assert not access.verify(b"x" * 64, rid, ref, sig)
 
 
 def test_body_request_id_is_respected():
@@ -93,20 +131,21 @@ def test_body_request_id_is_respected():
     assert b"x-request-id" not in app.seen["headers"]
     h = _headers(sent)
     assert h["x-wattprint-request-id"] == "chatcmpl-mine/1"
-    assert h["x-wattprint-energy-url"].endswith("/v1/requests/chatcmpl-mine%2F1")
+    assert _url(h["x-wattprint-energy-url"])[0] == "chatcmpl-mine/1"
+    assert "/v1/requests/chatcmpl-mine%2F1?" in h["x-wattprint-energy-url"]
 
 
 def test_existing_stratum_and_xargs_kept():
     app = EchoApp()
     _run(app, _scope(headers=[(b"x-wattprint-stratum", b"agentic")]),
          [b'{"vllm_xargs": {"stratum": "critical", "k": 1}}'])
-    assert json.loads(app.seen["body"])["vllm_xargs"] == {"stratum": "critical", "k": 1}
+    assert _xargs(app).keys() == {"stratum", "k", "wattprint_ref"} and _xargs(app)["stratum"] == "critical"
     app = EchoApp()
     _run(app, _scope(headers=[(b"x-wattprint-stratum", b"agentic")]), [b'{"vllm_xargs": {"k": 1}}'])
-    assert json.loads(app.seen["body"])["vllm_xargs"] == {"k": 1, "stratum": "agentic"}
+    assert {k: v for k, v in _xargs(app).items() if k != "wattprint_ref"} == {"k": 1, "stratum": "agentic"}
     app = EchoApp()
     _run(app, _scope(headers=[(b"x-wattprint-stratum", b"agentic")]), [b'{"vllm_xargs": null}'])
-    assert json.loads(app.seen["body"])["vllm_xargs"] == {"stratum": "agentic"}
+    assert {k: v for k, v in _xargs(app).items() if k != "wattprint_ref"} == {"stratum": "agentic"}
 
 
 def test_streaming_response_passes_message_by_message():
@@ -220,8 +259,9 @@ def test_energy_url_from_environment(monkeypatch):
     assert WattprintMiddleware(None).energy_base_url == "http://127.0.0.1:9464"
 
 
-def test_with_starlette_add_middleware():
+def test_with_starlette_add_middleware(monkeypatch):
     """The way vLLM installs it: ``app.add_middleware(WattprintMiddleware)``; streaming still streams."""
+    monkeypatch.setenv(access.ENV_URL_KEY, KEY.decode())
     starlette = pytest.importorskip("starlette")
     pytest.importorskip("httpx")
     from starlette.applications import Starlette
@@ -247,8 +287,9 @@ def test_with_starlette_add_middleware():
         r = client.post("/v1/chat/completions", json={"messages": []}, headers={"X-Wattprint-Stratum": "critical"})
         assert r.status_code == 200
         assert r.headers["x-wattprint-request-id"] == r.json()["id"]
-        assert r.headers["x-wattprint-energy-url"] == f"http://127.0.0.1:9464/v1/requests/{r.json()['id']}"
-        assert r.json()["xargs"] == {"stratum": "critical"}
+        url = r.headers["x-wattprint-energy-url"]
+        assert url.startswith(f"http://127.0.0.1:9464/v1/requests/{r.json()['id']}?ref=")
+        assert r.json()["xargs"] == {"stratum": "critical", "wattprint_ref": _url(url)[1]}
         with client.stream("POST", "/v1/chat/completions", json={"stream": True}) as r:
             assert r.headers["x-wattprint-request-id"].startswith("chatcmpl-")
             assert "".join(r.iter_text()) == "data: 0\n\ndata: 1\n\ndata: 2\n\n"

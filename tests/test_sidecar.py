@@ -194,11 +194,17 @@ def sock_path(tmp_path):
     return os.path.join(str(d), "wp.sock")
 
 
+OPERATOR = "operator-token-0123456789"
+
+
 def _sidecar(sock_path, tmp_path=None, **kw):
     kw.setdefault("metrics_port", 0)
     kw.setdefault("advance_interval_s", 0.05)
-    return Sidecar(FakeMeter(kw.pop("source", "nvml")), socket_path=sock_path, attributor_factory=FakeAttributor,
-                   timeline_factory=ManualTimeline, **kw)
+    kw.setdefault("clock", lambda: 150.0)  # the steps' clock of these tests (times around 100 s)
+    kw.setdefault("operator_token", OPERATOR)
+    kw.setdefault("exit_check_s", None)  # the engines of these tests are made-up pids
+    kw.setdefault("attributor_factory", FakeAttributor)
+    return Sidecar(FakeMeter(kw.pop("source", "nvml")), socket_path=sock_path, timeline_factory=ManualTimeline, **kw)
 
 
 class Hook:
@@ -236,8 +242,11 @@ def _wait(cond, timeout=5.0):
     raise AssertionError("condition not met in time")
 
 
-def _http(url, accept=None):
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+def _http(url, accept=None, token=OPERATOR):
+    headers = {"Accept": accept} if accept else {}
+    if token and "/v1/requests/" in url:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read().decode()
@@ -268,7 +277,7 @@ def test_end_to_end_metrics_lookup_and_ledger(sock_path, tmp_path):
         assert timeline.started
         hook = Hook(sc.address)
         try:
-            hook.send(transport.Steps(pid=1, records=[_step(0, [RequestEntry("early", 5, 0, 0)])]))
+            hook.send(transport.Steps(pid=4242, records=[_step(0, [RequestEntry("early", 5, 0, 0)])]))
             _wait(lambda: sc.snapshot().dropped.get("no_hello") == 1)
             hook.send(_hello())
             _wait(lambda: FakeAttributor.created)
@@ -287,13 +296,14 @@ def test_end_to_end_metrics_lookup_and_ledger(sock_path, tmp_path):
             data = json.loads(body)
             assert status == 200 and data["status"] == "provisional" and data["id"] == engine_id
             assert _http(f"{sc.metrics_url}/v1/requests/unknown")[0] == 404
-            hook.send(transport.Steps(pid=4242, dropped_total=3, records=[
+            hook.send(transport.Steps(pid=4242, records=[
                 _step(2, [RequestEntry(engine_id, 0, 1, 10, stratum="science", finished=True),
                           RequestEntry("cmpl-xyz-0-deadbeef", 0, 1, 4, stratum="bogus")]),
             ]))
             timeline.push(101.0, (1500.0, 2300.0))
             _wait(lambda: (sc.lookup(engine_id) or RequestResult("", 0, 0, 0, 0, 0, 0, 0, 0, 0, None, "")).status
                   == "final")
+            hook.send(transport.Steps(pid=4242, records=[], dropped_total=3))  # the hook lost 3 records
             status, body = _http(f"{sc.metrics_url}/v1/requests/chatcmpl-abc")
             data = json.loads(body)
             assert data["status"] == "final" and data["energy_j"] == pytest.approx(11 * J_PER_TOKEN)
@@ -320,8 +330,13 @@ def test_end_to_end_metrics_lookup_and_ledger(sock_path, tmp_path):
 
             om = _metrics(sc, openmetrics=True)
             ex = [s for s in om if s.exemplar is not None]
-            assert {s.exemplar.labels["request_id"] for s in ex} == {engine_id}
+            refs = {s.exemplar.labels["request_id"] for s in ex}  # a pseudonym, not the request id
+            assert len(refs) == 1 and engine_id not in refs and "abc" not in next(iter(refs))
             assert all(engine_id not in s.labels.values() for s in om)
+            ref = refs.pop()
+            assert json.loads(_http(f"{sc.metrics_url}/v1/requests/{ref}")[1])["id"] == engine_id  # operator
+            assert _http(f"{sc.metrics_url}/v1/requests/{ref}", token=None)[0] == 401
+            assert _http(f"{sc.metrics_url}/v1/requests/{ref}", token="wrong-token-0123456789")[0] == 403
 
             status, body = _http(f"{sc.metrics_url}/healthz")
             assert status == 200 and json.loads(body)["model"] == "llama-test"
@@ -345,26 +360,31 @@ def test_garbage_invalid_and_unsupported_counted(sock_path):
             hook.send(b"\x00garbage")
             hook.send(b"")
             hook.send(_hello(model="moe", config=MOE))
-            hook.send(transport.Steps(pid=1, records=[_step(0, [RequestEntry("a", 1, 0, 0)])] * 2))
+            hook.send(transport.Steps(pid=4242, records=[_step(0, [RequestEntry("a", 1, 0, 0)]),
+                                                         _step(1, [RequestEntry("a", 1, 0, 0)])]))
             _wait(lambda: sc.snapshot().dropped.get("unsupported_model") == 2)
             assert sc.snapshot().dropped["decode_error"] == 2
-            assert not FakeAttributor.created
-            assert sc.health()[1]["unsupported_model"] == "moe"
+            # an engine the cost model cannot describe: its devices are metered, every joule idle
+            att = FakeAttributor.created[0]
+            assert att.model_name == "moe" and att.geometry.name == "unattributed" and not att.pending
+            ok, detail = sc.health()
+            assert detail["unsupported_model"] == "moe" and detail["engines"][0]["state"] == "unsupported"
+            assert sc.snapshot().internal_errors["unsupported_model"] == 1
             hook.send(_hello())
-            hook.send(transport.Steps(pid=1, records=[_step(5, [RequestEntry("a", 1, 0, 0)]),
-                                                      _step(4, [RequestEntry("a", 1, 0, 0)])]))
-            _wait(lambda: sc.snapshot().dropped.get("invalid") == 1)
+            hook.send(transport.Steps(pid=4242, records=[_step(5, [RequestEntry("a", 1, 0, 0)]),
+                                                         _step(4, [RequestEntry("a", 1, 0, 0)])]))
+            _wait(lambda: sc.snapshot().dropped.get("invalid_order") == 1)
             snap = sc.snapshot()
             assert snap.steps == 1
             samples = _metrics(sc)
             assert _val(samples, "wattprint_dropped_records_total", reason="decode_error") == 2
-            assert _val(samples, "wattprint_dropped_records_total", reason="invalid") == 1
+            assert _val(samples, "wattprint_dropped_records_total", reason="invalid_order") == 1
         finally:
             hook.close()
 
 
 def test_internal_queue_full_and_hook_drop_deltas(sock_path):
-    sc = _sidecar(sock_path, queue_records=3)  # not started: drive the receive handler directly
+    sc = _sidecar(sock_path, queue_entries=3)  # not started: drive the receive handler directly
     steps = transport.Steps(pid=7, records=[_step(0, [RequestEntry("a", 1, 0, 0)])] * 2, dropped_total=5)
     on_message = sc.receiver.on_message
     on_message(transport.encode(steps))
@@ -392,7 +412,8 @@ def test_survives_attributor_exceptions(sock_path):
             raise RuntimeError("lookup bug")
 
     sc = Sidecar(FakeMeter(), socket_path=sock_path, metrics_port=0, advance_interval_s=0.02,
-                 attributor_factory=Broken, timeline_factory=ManualTimeline)
+                 attributor_factory=Broken, timeline_factory=ManualTimeline, clock=lambda: 150.0,
+                 operator_token=OPERATOR)
     with sc:
         hook = Hook(sc.address)
         try:
@@ -400,7 +421,7 @@ def test_survives_attributor_exceptions(sock_path):
             _wait(lambda: FakeAttributor.created)
             ManualTimeline.instances[0].push(1.0, (1.0, 1.0))
             FakeAttributor.created[0].fail_advance = True
-            hook.send(transport.Steps(pid=1, records=[_step(1, [RequestEntry("a", 1, 0, 0)]),
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("a", 1, 0, 0)]),
                                                       _step(2, [RequestEntry("b", 1, 0, 0, finished=True)])]))
             _wait(lambda: sc.snapshot().internal_errors.get("advance", 0) >= 2)
             snap = sc.snapshot()
@@ -421,7 +442,7 @@ def test_restart_on_same_socket_resumes(sock_path, tmp_path):
     hook = Hook(sc1.address)  # connects once, for the life of the engine
     try:
         hook.send(_hello())
-        hook.send(transport.Steps(pid=1, records=[_step(1, [RequestEntry("done-1", 3, 1, 0, finished=True)])]))
+        hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("done-1", 3, 1, 0, finished=True)])]))
         _wait(lambda: sc1.lookup("done-1") is not None and sc1.lookup("done-1").status == "final")
         sc1.stop()
         sc1.stop()  # idempotent
@@ -436,7 +457,7 @@ def test_restart_on_same_socket_resumes(sock_path, tmp_path):
         with _sidecar(sock_path, ledger_path=ledger) as sc2:
             # the hook reconnects by itself and says Hello again
             hook.send(_hello())
-            hook.send(transport.Steps(pid=1, records=[
+            hook.send(transport.Steps(pid=4242, records=[
                 _step(2, [RequestEntry("done-1", 0, 1, 4, finished=True),  # a replayed id: not written twice
                           RequestEntry("done-2", 2, 1, 0, finished=True)])]))
             _wait(lambda: sc2.lookup("done-2") is not None)
@@ -475,14 +496,14 @@ def test_model_change_keeps_counters_monotone(sock_path):
             hook.send(_hello("model-a"))
             _wait(lambda: len(FakeAttributor.created) == 1)
             timeline.push(1.0, (0.0, 0.0))
-            hook.send(transport.Steps(pid=1, records=[_step(1, [RequestEntry("a1", 4, 0, 0, finished=True)])]))
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("a1", 4, 0, 0, finished=True)])]))
             timeline.push(2.0, (100.0, 100.0))
             _wait(lambda: sc.lookup("a1") is not None)
             hook.send(_hello("model-a"))  # same engine again: nothing changes
             hook.send(_hello("model-b", dict(LLAMA, num_hidden_layers=4)))
             _wait(lambda: len(FakeAttributor.created) == 2)
             timeline.push(3.0, (0.0, 0.0))
-            hook.send(transport.Steps(pid=2, records=[_step(1, [RequestEntry("b1", 2, 0, 0)])]))
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("b1", 2, 0, 0)])]))
             timeline.push(4.0, (50.0, 50.0))
             _wait(lambda: sc.snapshot().steps == 2)
             samples = _metrics(sc)
@@ -504,13 +525,13 @@ def test_simulated_meter_gets_activity(sock_path):
             observed.append((t0, t1, flops, bytes_))
 
     sc = Sidecar(SimMeter(source="simulated", names=("simulated h100",)), socket_path=sock_path, metrics_port=None,
-                 attributor_factory=FakeAttributor, timeline_factory=ManualTimeline)
+                 attributor_factory=FakeAttributor, timeline_factory=ManualTimeline, clock=lambda: 150.0)
     assert sc.profile.name.lower().startswith("h100")
     with sc:
         hook = Hook(sc.address)
         try:
             hook.send(_hello())
-            hook.send(transport.Steps(pid=1, records=[_step(1, [RequestEntry("a", 8, 0, 0)])]))
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("a", 8, 0, 0)])]))
             _wait(lambda: observed)
         finally:
             hook.close()
@@ -542,7 +563,7 @@ def test_lookup_combines_several_engine_requests(sock_path):
         hook = Hook(sc.address)
         try:
             hook.send(_hello())
-            hook.send(transport.Steps(pid=1, records=[_step(1, [
+            hook.send(transport.Steps(pid=4242, records=[_step(1, [
                 RequestEntry("cmpl-r-0-00000000", 2, 0, 0, finished=True),
                 RequestEntry("cmpl-r-1-11111111", 4, 0, 0)])]))
             _wait(lambda: sc.lookup("cmpl-r") is not None and sc.lookup("cmpl-r-0-00000000") is not None)
@@ -589,19 +610,30 @@ def test_run_sidecar_until_sigterm(sock_path, tmp_path, monkeypatch):
         run_sidecar(parser.parse_args(["--window-s", "0"]))
 
 
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_engine_restart_with_same_model_starts_a_new_attributor(sock_path):
+    old_pid = _dead_pid()  # the engine process that exited
     with _sidecar(sock_path) as sc:
         hook = Hook(sc.address)
         try:
-            hook.send(_hello(pid=100))
-            hook.send(transport.Steps(pid=100, records=[_step(5, [RequestEntry("old", 2, 0, 0)])]))
-            hook.send(_hello(pid=100))  # the same engine's hook reconnected: nothing changes
+            hook.send(_hello(pid=old_pid))
+            hook.send(transport.Steps(pid=old_pid, records=[_step(5, [RequestEntry("old", 2, 0, 0)])]))
+            hook.send(_hello(pid=old_pid))  # the same engine's hook reconnected: nothing changes
             _wait(lambda: sc.snapshot().steps == 1)
             assert len(FakeAttributor.created) == 1
-            hook.send(_hello(pid=200))  # a new engine process: its step numbers start again
-            hook.send(transport.Steps(pid=200, records=[_step(0, [RequestEntry("new", 2, 0, 0)])]))
+            hook.send(_hello(pid=os.getpid()))  # a new engine process: its step numbers start again
+            hook.send(transport.Steps(pid=os.getpid(), records=[_step(0, [RequestEntry("new", 2, 0, 0)])]))
             _wait(lambda: sc.snapshot().steps == 2)
+            # the exited engine's session was retired: its devices went to the new one
             assert len(FakeAttributor.created) == 2 and not sc.snapshot().dropped
+            assert [e["pid"] for e in sc.health()[1]["engines"]] == [os.getpid()]
             old = sc.lookup("old")
             assert old is not None and old.status == "provisional"  # never finished: not counted
             assert sc.snapshot().requests == {}
@@ -645,7 +677,7 @@ def test_recorder_keeps_the_trace_from_just_before_the_first_step(sock_path):
             for t in (90.0, 97.0, 99.5):  # the engine starting up
                 timeline.push(t, (t, t))
             # before any Hello: recorded, though not attributed
-            hook.send(transport.Steps(pid=1, records=[_step(0, [RequestEntry("early", 5, 0, 0)])]))
+            hook.send(transport.Steps(pid=4242, records=[_step(0, [RequestEntry("early", 5, 0, 0)])]))
             hook.send(_hello())
             hook.send(transport.Steps(pid=4242, records=[_step(1, [RequestEntry("a", 4, 0, 0, finished=True)])]))
             _wait(lambda: len(rec.steps()) == 2)

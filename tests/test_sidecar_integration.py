@@ -24,8 +24,12 @@ LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 512, "num
          "num_key_value_heads": 2, "intermediate_size": 1024, "vocab_size": 32000, "torch_dtype": "bfloat16"}
 
 
+OPERATOR = "integration-operator-token"
+
+
 def _get(url):
-    with urllib.request.urlopen(url, timeout=5) as r:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {OPERATOR}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return r.read().decode()
 
 
@@ -36,7 +40,7 @@ def test_real_attributor_end_to_end(tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     meter = simulated.SimulatedMeter("h100-sxm", n_devices=1, seed=1)
     sc = Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=ledger, window_s=0.3,
-                 advance_interval_s=0.05)
+                 advance_interval_s=0.05, operator_token=OPERATOR)
     with sc:
         ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
@@ -68,7 +72,7 @@ def test_real_attributor_end_to_end(tmp_path):
                 if data and data["status"] == "final":
                     break
                 time.sleep(0.1)
-            assert data and data["status"] == "final", data
+            assert data and data["status"] == "final", (data, sc.snapshot().dropped, sc.snapshot().lag_s, sc.health())
             assert data["energy_j"] > 0 and data["source"] == "simulated" and data["model"] == "tiny"
 
             fams = list(parse_text(_get(f"{sc.metrics_url}/metrics")))

@@ -107,7 +107,7 @@ def test_chat_request_gets_its_energy(stack):
     rid = json.loads(body)["id"]
     assert headers["x-wattprint-request-id"] == rid
     url = headers["x-wattprint-energy-url"]
-    assert url == f"{sidecar.metrics_url}/v1/requests/{rid}"
+    assert url.startswith(f"{sidecar.metrics_url}/v1/requests/{rid}?ref=")  # a URL only this client can use
     data = _wait_final(url)
     assert data["energy_j"] > 0 and data["output_tokens"] == 24 and data["stratum"] == "science"
     assert data["source"] == "simulated" and data["model"] == "tiny" and data["prefill_j"] > 0
@@ -119,7 +119,7 @@ def test_chat_request_gets_its_energy(stack):
     parts = sum(s.value for s in samples if s.name in ("wattprint_energy_joules_total",
                                                         "wattprint_idle_energy_joules_total"))
     assert parts == pytest.approx(measured, rel=1e-9)
-    assert rid in {r["id"] for r in read_ledger(tmp / "ledger.jsonl")}
+    assert data["id"].startswith(f"{rid}-") and data["id"] in {r["id"] for r in read_ledger(tmp / "ledger.jsonl")}
 
 
 def test_streaming_completion_streams_and_is_found(stack):
@@ -131,8 +131,9 @@ def test_streaming_completion_streams_and_is_found(stack):
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         rid = r.headers["x-wattprint-request-id"]
+        url = r.headers["x-wattprint-energy-url"]
         events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
     assert rid.startswith("cmpl-") and len(events) > 2 and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["id"] == rid
-    data = _wait_final(f"{sidecar.metrics_url}/v1/requests/{rid}")  # engine id is "<rid>-0"
-    assert data["output_tokens"] == 16 and data["stratum"] is None
+    data = _wait_final(url)  # engine id is "<rid>-0-<8 hex>"
+    assert data["output_tokens"] == 16 and data["stratum"] is None and data["id"].startswith(f"{rid}-0-")

@@ -37,15 +37,23 @@ def server_command(vllm_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
 
 
-def server_env(sc) -> dict[str, str]:
-    """The server's environment: the hook's address and the energy URL the middleware announces."""
+def server_env(sc, public_url: str | None = None) -> dict[str, str]:
+    """The server's environment: the hook's address, the public base of the energy URLs the middleware
+    announces (``--public-url``, else the sidecar's metrics URL) and where the URL-signing key is (the
+    key file's path; the key itself only when the sidecar was given one without a file)."""
     from wattprint.exporters.http import ENV_ENERGY_URL
+    from wattprint.profiler.sidecar.access import ENV_URL_KEY, ENV_URL_KEY_FILE
     from wattprint.profiler.transport.messages import ENV_SIDECAR
 
     env = dict(os.environ)
     env[ENV_SIDECAR] = sc.address
-    if sc.metrics_url:
-        env[ENV_ENERGY_URL] = sc.metrics_url
+    if public_url or sc.metrics_url:
+        env[ENV_ENERGY_URL] = public_url or sc.metrics_url
+    if sc.url_key_file:
+        env[ENV_URL_KEY_FILE] = sc.url_key_file
+        env.pop(ENV_URL_KEY, None)
+    elif sc.url_key:
+        env[ENV_URL_KEY] = sc.url_key.decode()
     return env
 
 
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         with sidecar.stop_on_signals() as stop, sidecar.open_sidecar(args, meter) as sc:
             print(f"wattprint serve: sidecar {sc.address}, metrics {sc.metrics_url}/metrics, "
                   f"meter {sc.source}, hardware {sc.profile.name}", flush=True)
-            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sc))
+            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sc, args.public_url))
             print(f"wattprint serve: vLLM server pid {proc.pid}", flush=True)
             while not stop.wait(0.5):
                 if proc.poll() is not None:

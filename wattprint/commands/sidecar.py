@@ -21,16 +21,32 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sidecar's options (``wattprint sidecar`` and ``wattprint serve``); returns ``parser``."""
-    from wattprint.profiler.transport.messages import DEFAULT_SOCKET, ENV_SIDECAR
+    from wattprint.profiler.sidecar.access import ENV_OPERATOR_TOKEN
+    from wattprint.profiler.transport.messages import ENV_SIDECAR, default_socket
 
     parser.add_argument("--meter", choices=METER_CHOICES, default="auto",
                         help="energy meter (default: auto - NVML if a GPU is visible, else RAPL, else CPU time)")
     parser.add_argument("--socket", default=None, metavar="PATH",
-                        help=f"socket the engine hook sends to (default: ${ENV_SIDECAR} or {DEFAULT_SOCKET})")
+                        help=f"socket the engine hook sends to (default: ${ENV_SIDECAR}, else {default_socket()}, "
+                             "in a private 0700 directory)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default: 127.0.0.1)")
     parser.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (0: any free port; default 9464)")
     parser.add_argument("--ledger", default=None, metavar="PATH",
                         help="append one JSON line per finished request to PATH")
+    parser.add_argument("--ledger-mode", default="600", metavar="OCTAL",
+                        help="permissions of the ledger (default 600; 640 lets the file's group read it)")
+    parser.add_argument("--public-url", default=None, metavar="URL",
+                        help="base of the energy URLs the middleware hands clients (default: the metrics URL)")
+    parser.add_argument("--operator-token-file", default=None, metavar="PATH",
+                        help=f"private file holding the token that reads every request record "
+                             f"(Authorization: Bearer; default: ${ENV_OPERATOR_TOKEN})")
+    parser.add_argument("--url-key-file", default=None, metavar="PATH",
+                        help="private file holding the key that signs per-request energy URLs (created if "
+                             "missing; default: url.key beside the socket)")
+    parser.add_argument("--models", default=None, metavar="NAME,...",
+                        help="served model names exported as metric labels (others: 'other'; default: the "
+                             "first --max-models seen)")
+    parser.add_argument("--max-models", type=int, default=16, help="model labels kept (default 16)")
     parser.add_argument("--hardware", default=None, metavar="NAME|PATH",
                         help="hardware profile (default: chosen from the meter's devices)")
     parser.add_argument("--window-s", type=float, default=2.0, help="attribution window in seconds (default 2)")
@@ -50,14 +66,39 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--window-s must be positive, got {args.window_s}")
     if not (0 <= args.metrics_port <= 65535):
         raise ConfigError(f"--metrics-port must be 0-65535, got {args.metrics_port}")
+    ledger_mode(args)
+    if args.max_models < 1:
+        raise ConfigError(f"--max-models must be at least 1, got {args.max_models}")
+    if args.public_url is not None and not args.public_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--public-url must be an http:// or https:// URL, got {args.public_url!r}")
+
+
+def ledger_mode(args: argparse.Namespace) -> int:
+    """``--ledger-mode`` as permission bits: owner read-write, group read or read-write, nothing for others."""
+    try:
+        mode = int(str(args.ledger_mode), 8)
+    except ValueError:
+        raise ConfigError(f"--ledger-mode must be octal (e.g. 600 or 640), got {args.ledger_mode!r}") from None
+    if mode & ~0o660 or mode & 0o600 != 0o600:
+        raise ConfigError(f"--ledger-mode {args.ledger_mode} is not allowed: the owner reads and writes, the group "
+                          "may read (640) or read and write (660), others get nothing")
+    return mode
 
 
 def open_sidecar(args: argparse.Namespace, meter):
     """The (not yet started) sidecar that ``args`` (:func:`add_arguments`) describe, on ``meter``."""
+    from wattprint.profiler.sidecar.access import operator_token_from
     from wattprint.profiler.sidecar.daemon import Sidecar
+    from wattprint.profiler.sidecar.paths import load_or_create_key
 
-    return Sidecar(meter, socket_path=args.socket, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-                   ledger_path=args.ledger, hardware=args.hardware, window_s=args.window_s)
+    key = load_or_create_key(args.url_key_file) if args.url_key_file else None
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    sc = Sidecar(meter, socket_path=args.socket, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                 ledger_path=args.ledger, ledger_mode=ledger_mode(args), hardware=args.hardware,
+                 window_s=args.window_s, url_key=key, operator_token=operator_token_from(args.operator_token_file),
+                 models=models, max_models=args.max_models)
+    sc.url_key_file = args.url_key_file
+    return sc
 
 
 @contextlib.contextmanager

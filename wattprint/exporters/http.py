@@ -17,7 +17,16 @@ ASGI middleware (Starlette style, no Starlette import). For ``POST /v1/completio
 * copies an ``X-Wattprint-Stratum`` request header into the JSON body as ``vllm_xargs.stratum`` when
   the body does not set one (the engine hook reads it from the sampling params' ``extra_args``).
 
-The sidecar's base URL comes from ``WATTPRINT_ENERGY_URL`` (default ``http://127.0.0.1:9464``).
+The sidecar's base URL comes from ``WATTPRINT_ENERGY_URL`` (default ``http://127.0.0.1:9464``): the
+*public* base clients can reach (``wattprint serve --public-url``), not necessarily the sidecar's bind.
+
+Per-request credential (:mod:`wattprint.profiler.sidecar.access`): each request gets a fresh random
+reference, written into the body as ``vllm_xargs.wattprint_ref`` (a client's own value is replaced) and
+carried by the engine hook's records; the energy URL is
+``<base>/v1/requests/<response id>?ref=<ref>&sig=<HMAC>``, signed with the key the sidecar shares
+(``WATTPRINT_URL_KEY``, ``WATTPRINT_URL_KEY_FILE``, else ``url.key`` beside the sidecar's socket). Two
+requests with the same ``X-Request-Id`` get different URLs, each leading to its own record; without
+a key no energy URL is named (the response id header is still added).
 
 It never breaks a request: any exception of its own leaves the request and response untouched
 (a body it had already read is replayed as it was), exceptions of the application propagate as they
@@ -31,8 +40,9 @@ import json
 import logging
 import os
 import uuid
-from urllib.parse import quote
 
+from wattprint.profiler.sidecar import access
+from wattprint.profiler.transport.messages import ENV_SIDECAR, address, runtime_dir
 from wattprint.profiler.vllm.ids import RESPONSE_ID_PREFIXES
 
 log = logging.getLogger(__name__)
@@ -72,10 +82,12 @@ def _replaying_receive(messages: list, receive):
 class WattprintMiddleware:
     """Pure ASGI middleware: energy headers and ``X-Wattprint-Stratum`` -> ``vllm_xargs.stratum``."""
 
-    def __init__(self, app, energy_base_url: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, energy_base_url: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 url_key: bytes | None = None):
         self.app = app
         self.energy_base_url = (energy_base_url or os.environ.get(ENV_ENERGY_URL) or DEFAULT_ENERGY_URL).rstrip("/")
         self.max_body_bytes = max_body_bytes
+        self.url_key = url_key if url_key is not None else _key_from_environment()
 
     async def __call__(self, scope, receive, send):
         try:
@@ -87,8 +99,8 @@ class WattprintMiddleware:
             return
         consumed: list = []
         try:
-            scope2, receive2, response_id = await self._prepare(scope, receive, consumed, prefix)
-            send2 = self._wrap_send(send, response_id)
+            scope2, receive2, (response_id, ref) = await self._prepare(scope, receive, consumed, prefix)
+            send2 = self._wrap_send(send, response_id, ref)
         except Exception as exc:  # noqa: BLE001 - ours (including _PassThrough): untouched
             if not isinstance(exc, _PassThrough):
                 log.debug("wattprint middleware: passing a request through untouched", exc_info=True)
@@ -143,6 +155,13 @@ class WattprintMiddleware:
                 data["vllm_xargs"] = {**(xargs or {}), "stratum": value}
                 new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
+        ref = None
+        if isinstance(data, dict) and self.url_key is not None and isinstance(data.get("vllm_xargs") or {}, dict):
+            ref = access.new_ref()
+            xargs = data.get("vllm_xargs")
+            data["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), access.REF_ARG: ref}
+            new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
         if new_body is not None:
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(new_body)).encode()))
@@ -154,14 +173,16 @@ class WattprintMiddleware:
         response_id = f"{prefix}{base}"
         if len(response_id) > _MAX_ID_CHARS or not (response_id.isascii() and response_id.isprintable()):
             response_id = None
-        return scope2, _replaying_receive(messages, receive), response_id
+        return scope2, _replaying_receive(messages, receive), (response_id, ref)
 
     # -------------------------------------------------------------------------------------- response
-    def _wrap_send(self, send, response_id: str | None):
+    def _wrap_send(self, send, response_id: str | None, ref: str | None = None):
         if response_id is None:
             return send
-        url = f"{self.energy_base_url}/v1/requests/{quote(response_id, safe='')}"
-        extra = [(HEADER_REQUEST_ID, response_id.encode("latin-1")), (HEADER_ENERGY_URL, url.encode("latin-1"))]
+        extra = [(HEADER_REQUEST_ID, response_id.encode("latin-1"))]
+        if ref is not None:
+            url = access.energy_url(self.energy_base_url, self.url_key, response_id, ref)
+            extra.append((HEADER_ENERGY_URL, url.encode("latin-1")))
 
         async def send_with_headers(message):
             if message.get("type") == "http.response.start":
@@ -175,3 +196,14 @@ class WattprintMiddleware:
             await send(message)
 
         return send_with_headers
+
+
+def _key_from_environment() -> bytes | None:
+    """The URL key the environment names, else ``url.key`` beside the sidecar's socket (None: no key)."""
+    sock = address(os.environ.get(ENV_SIDECAR))
+    sock_dir = os.path.dirname(sock[len("ipc://"):]) if sock.startswith("ipc://") else runtime_dir()
+    key = access.key_from_env(os.path.join(sock_dir, "url.key"))
+    if key is None:
+        log.warning("wattprint middleware: no URL key (%s, %s, or url.key beside the sidecar's socket): "
+                    "answers name no energy URL", access.ENV_URL_KEY, access.ENV_URL_KEY_FILE)
+    return key

@@ -4,27 +4,32 @@ exports it (Prometheus ``/metrics``, ``/v1/requests/{id}``, the request ledger).
 :class:`Sidecar` only wires the parts and runs their threads, none of which waits on another's slow work:
 
 * **receive** - :class:`~wattprint.profiler.transport.receiver.Receiver`: a ZeroMQ ``PULL`` socket bound
-  on ``ipc://PATH`` (mode 0600) filling a bounded queue; drops are counted in
-  ``wattprint_dropped_records_total{reason}`` (``queue_full``, ``decode_error``, ``hook_queue_full``).
+  on ``ipc://PATH`` (mode 0600; by default in the private runtime directory,
+  :func:`~wattprint.profiler.transport.messages.runtime_dir`, created 0700) filling a queue bounded in
+  messages, entries and bytes; drops are counted in ``wattprint_dropped_records_total{reason}``
+  (``queue_full``, ``decode_error``, ``hook_queue_full``, and the driver's reasons).
 * **timeline** - polls the meter (``EnergyTimeline``) and hands each reading to the driver.
 * **worker** - drains the queue into the :class:`~wattprint.profiler.sidecar.driver.AttributionDriver`
-  and, every ``advance_interval_s``, settles the complete energy windows; the requests that became final
-  go to the sinks (:mod:`wattprint.profiler.sidecar.sinks`: the recent-results store read by
-  ``/v1/requests/{id}``, the histograms, the ledger) and the attributor forgets them.
-* **http** - the metrics server; each scrape reads one snapshot under the sidecar's lock.
+  and, every ``advance_interval_s``, settles the complete energy windows up to the receive time of the
+  oldest message still queued (time whose records have not been read is never settled as idle); the
+  requests that became final go to the sinks (:mod:`wattprint.profiler.sidecar.sinks`: the
+  recent-results store read by ``/v1/requests/{id}``, the histograms, the ledger). The lag gauge is the
+  larger of the attributors' lag and the age of the oldest queued message.
+* **http** - the metrics server (bounded pool, deadlines: :mod:`wattprint.exporters.api`); each scrape
+  reads one snapshot under the sidecar's lock; records are read through signed per-request URLs or with
+  the operator token (:mod:`~wattprint.profiler.sidecar.access`), ``/openapi.json`` describes the API.
 
 Every exception raised by wattprint code on these threads is logged (rate-limited) and counted in
 ``wattprint_internal_errors_total{where}``; the sidecar keeps running. A new sidecar on the same path
 removes the stale socket file and binds again; ZeroMQ reconnects the hook by itself, and the last
-``Hello`` kept next to the socket (``PATH.hello``) lets it attribute that engine's steps before the hook
-says Hello again. The ledger skips final ids it already holds.
+Hellos kept next to the socket (``PATH.hello``, private) let it attribute those engines' steps before
+their hooks say Hello again. The ledger skips final (engine, id) pairs it already holds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,56 +37,31 @@ from collections.abc import Callable
 from wattprint.errors import ConfigError
 from wattprint.exporters.api import MetricsServer, make_app
 from wattprint.exporters.ledger import Ledger
-from wattprint.exporters.prometheus import MetricsSnapshot, make_registry
+from wattprint.exporters.prometheus import make_registry
 from wattprint.profiler.core.hardware import HardwareProfile, load_profile
-from wattprint.profiler.core.results import RequestResult
 from wattprint.profiler.meters.base import Meter, Reading
+from wattprint.profiler.sidecar import access, paths
+from wattprint.profiler.sidecar.defaults import default_attributor, default_hardware, default_timeline
 from wattprint.profiler.sidecar.driver import AttributionDriver
-from wattprint.profiler.sidecar.sessions import HelloFile
+from wattprint.profiler.sidecar.httpapi import OPENAPI, RequestAccess
+from wattprint.profiler.sidecar.sessions import HelloFile, ModelLabels
 from wattprint.profiler.sidecar.sinks import (
     LedgerSink,
     RecentResults,
     RequestHistograms,
     SimulatedLoad,
     Sinks,
+    record_name,
 )
 from wattprint.profiler.sidecar.stats import Counters, PowerWindow
+from wattprint.profiler.sidecar.views import Views
 from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.transport.receiver import MessageQueue, Receiver
 
 log = logging.getLogger(__name__)
 
-_NVML_PROFILES = ((r"h200", "h200"), (r"h100", "h100-sxm"), (r"a100", "a100-sxm"), (r"\bl4\b", "l4"))
-
-
-def default_hardware(meter: Meter) -> str:
-    """The shipped hardware profile matching a meter: NVML device name, else the CPU profile."""
-    source = getattr(meter, "source", "") or ""
-    if source == "simulated":
-        return "h100-sxm"
-    if source == "nvml":
-        try:
-            names = " ".join(d.name for d in meter.devices).lower()
-        except Exception:  # noqa: BLE001 - a broken meter must not stop the choice
-            names = ""
-        return next((profile for pattern, profile in _NVML_PROFILES if re.search(pattern, names)), "h100-sxm")
-    return "cpu"
-
-
-def default_attributor(geometry, profile, *, n_devices, source, model_name, window_s):
-    from wattprint.profiler.attribution.online import OnlineAttributor
-
-    return OnlineAttributor(geometry, profile, n_devices=n_devices, source=source, model_name=model_name,
-                            window_s=window_s)
-
-
-def default_timeline(meter, rate_hz, on_reading):
-    from wattprint.profiler.timeline.sampler import EnergyTimeline
-
-    return EnergyTimeline(meter, rate_hz=rate_hz, on_reading=on_reading)
-
-
-class Sidecar:
+_BATCH_ENTRIES = 50_000  # entries processed between two chances to settle
+class Sidecar(Views):
     """Receive, attribute, export. See the module docstring.
 
     ``metrics_port=0`` binds an ephemeral port (``.metrics_port`` after :meth:`start`); None serves no
@@ -92,12 +72,17 @@ class Sidecar:
 
     def __init__(self, meter: Meter, *, socket_path: str | None = None, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = 9464, ledger_path: str | os.PathLike | None = None,
-                 hardware: str | os.PathLike | HardwareProfile | None = None, window_s: float = 2.0,
-                 advance_interval_s: float = 0.25, meter_rate_hz: float = 50.0, queue_records: int = 100_000,
-                 queue_messages: int = 10_000, recent_results: int = 20_000, alias_capacity: int = 100_000,
-                 recorder=None, attributor_factory: Callable | None = None,
-                 timeline_factory: Callable | None = None):
+                 ledger_mode: int = 0o600, hardware: str | os.PathLike | HardwareProfile | None = None,
+                 window_s: float = 2.0, advance_interval_s: float = 0.25, meter_rate_hz: float = 50.0,
+                 queue_entries: int = 256_000, queue_messages: int = 20_000, queue_bytes: int = 32 << 20,
+                 recent_results: int = 20_000, alias_capacity: int = 100_000, url_key: bytes | None = None,
+                 operator_token: str | None = None, models: tuple[str, ...] | None = None, max_models: int = 16,
+                 max_sessions: int = 64, clock: Callable[[], float] = time.monotonic,
+                 exit_check_s: float | None = 5.0, recorder=None,
+                 attributor_factory: Callable | None = None, timeline_factory: Callable | None = None):
         self.meter = meter
+        self.ledger_mode = ledger_mode
+        self.exit_check_s = exit_check_s  # how often sessions of exited engines are retired (None: never)
         self.metrics_host = metrics_host
         self._metrics_port_requested = metrics_port
         self.metrics_port: int | None = None
@@ -118,21 +103,25 @@ class Sidecar:
         self.lock = threading.RLock()  # the driver's attributor and the in-memory sinks
         self.stats = Counters()
         self.power = PowerWindow()
-        self.queue = MessageQueue(queue_records, queue_messages)
+        self.queue = MessageQueue(queue_entries, queue_messages, queue_bytes)
         self.receiver = Receiver(transport.address(socket_path), self.queue, self.stats)
         self.address = self.receiver.address
         self.socket_file = self.receiver.socket_file
-        self.results = RecentResults(recent_results, alias_capacity)
-        self.histograms = RequestHistograms()
+        self.url_key = url_key
+        self.url_key_file: str | None = None  # where the key was read (None when given)
+        self.operator_token = operator_token
+        self.results = RecentResults(recent_results, alias_capacity, pseudonym=self._pseudonym)
+        self.histograms = RequestHistograms(exemplar=lambda r: self._pseudonym(record_name(r)))
         self.sinks = Sinks(self.stats.fail, [self.results, self.histograms])
-        observers = [self.results]
+        observers = []
         if self.source == "simulated" and callable(getattr(meter, "observe", None)):
             observers.append(SimulatedLoad(meter.observe))
         self.hello_file = HelloFile.beside(self.socket_file)
         self.driver = AttributionDriver(
             self.profile, source=self.source, n_devices=len(self.device_names) or 1, window_s=window_s,
             factory=attributor_factory or default_attributor, stats=self.stats, sinks=self.sinks, lock=self.lock,
-            recent_readings=self.power.recent, hello_file=self.hello_file, step_observers=observers)
+            recent_readings=self.power.recent, hello_file=self.hello_file, step_observers=observers,
+            requests=self.results, labels=ModelLabels(models, max_models), clock=clock, max_sessions=max_sessions)
         self.ledger: Ledger | None = None
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -148,8 +137,9 @@ class Sidecar:
         self._started = True
         self._t_started = time.monotonic()
         try:
+            self._prepare_files()
             if self.ledger_path is not None:
-                self.ledger = Ledger(self.ledger_path)
+                self.ledger = Ledger(self.ledger_path, mode=self.ledger_mode)
                 if self.ledger.truncated_bytes:
                     self.stats.count_error("ledger_torn_line")
                 self.sinks.add(LedgerSink(self.ledger, self.source))
@@ -170,8 +160,21 @@ class Sidecar:
                  f", metrics on {self.metrics_url}" if self._server else "")
         return self
 
+    def _prepare_files(self) -> None:
+        """The socket's private directory (the default one is created 0700 and checked) and the URL key."""
+        if self.url_key is None:
+            self.url_key_file = paths.prepare_socket_dir(self.socket_file, transport.runtime_dir())
+            self.url_key = paths.load_or_create_key(self.url_key_file)
+        else:
+            paths.prepare_socket_dir(self.socket_file, transport.runtime_dir())
+
+    def _pseudonym(self, name: str) -> str:
+        return access.pseudonym(self.url_key, name) if self.url_key else name
+
     def _serve(self, port: int) -> None:
-        app = make_app(make_registry(self.snapshot), self.lookup, self.health)
+        requests_fn = RequestAccess(self.url_key, self.operator_token, self.lookup_ref, self.lookup)
+        self.app = app = make_app(make_registry(self.snapshot), self.lookup, self.health, requests_fn=requests_fn,
+                                  openapi=OPENAPI)
         try:
             server = MetricsServer(app, self.metrics_host, port)
         except OSError as exc:
@@ -227,26 +230,30 @@ class Sidecar:
     # ---------------------------------------------------------------------------------- worker
     def _worker_loop(self) -> None:
         next_advance = time.monotonic() + self.advance_interval_s
+        next_check = time.monotonic() + (self.exit_check_s or 0.0)
         while not self._stop.is_set():
             try:
-                self._process(self.queue.get_all(max(0.0, next_advance - time.monotonic())))
+                self._process(self.queue.get_some(max(0.0, next_advance - time.monotonic()), _BATCH_ENTRIES))
                 now = time.monotonic()
                 if now >= next_advance:
-                    self.driver.advance(now)
+                    self.driver.advance(now, self.queue.oldest_t())
                     next_advance = now + self.advance_interval_s
+                if self.exit_check_s is not None and now >= next_check:
+                    self.driver.retire_exited()
+                    next_check = now + self.exit_check_s
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 self.stats.fail("worker", "worker loop error")
                 time.sleep(0.05)
 
     def _process(self, items: list) -> None:
-        for msg in items:
+        for msg, _t, gap in items:
             try:
                 if self.recorder is not None:
                     self.recorder.add_message(msg)
                 if isinstance(msg, transport.Hello):
                     self.driver.on_hello(msg)
                 else:
-                    self.driver.on_steps(msg)
+                    self.driver.on_steps(msg, gap)
             except Exception:  # noqa: BLE001
                 self.stats.count_drop("internal_error", len(getattr(msg, "records", ())) or 0)
                 self.stats.fail("step", "processing a %s message failed", type(msg).__name__)
@@ -260,38 +267,3 @@ class Sidecar:
             self.driver.add_reading(reading)
         except Exception:  # noqa: BLE001
             self.stats.fail("reading", "a meter reading could not be attributed")
-
-    # ---------------------------------------------------------------------------------- reading
-    def snapshot(self) -> MetricsSnapshot:
-        """Everything a scrape exports, at one instant (the attributor's totals under the lock)."""
-        with self.lock:
-            model_totals, coefficients = self.driver.totals()
-            requests, hist_energy, hist_token = self.histograms.copy()
-            steps, lag = self.driver.steps, self.driver.lag_s
-        return MetricsSnapshot(
-            source=self.source, device_names=list(self.device_names), device_power_w=self.power.power_w(),
-            model_totals=model_totals, coefficients=coefficients, requests=requests,
-            request_energy=hist_energy, energy_per_token=hist_token, steps=steps, dropped=self.stats.dropped(),
-            internal_errors=self.stats.errors(), lag_s=lag,
-        )
-
-    def lookup(self, rid: str) -> RequestResult | None:
-        """A request's result: final if settled, provisional while in flight, None if unknown.
-
-        Accepts the engine's request id or the OpenAI response id (``chatcmpl-...``/``cmpl-...``);
-        a response id that maps to several engine requests gets their sum.
-        """
-        with self.lock:
-            return self.results.lookup(rid, self.driver.provisional)
-
-    def health(self) -> tuple[bool, dict]:
-        now = time.monotonic()
-        last = self.power.last_t_s
-        threads_ok = self.receiver.is_alive() and self._worker is not None and self._worker.is_alive()
-        meter_ok = last is not None and now - last < 5.0
-        detail = {**self.driver.describe(), "source": self.source,
-                  "meter_reading_age_s": None if last is None else round(now - last, 3),
-                  "messages": self.stats.messages, "address": self.address}
-        starting = self._t_started is not None and now - self._t_started < 5.0
-        ok = threads_ok and not self._stop.is_set() and (meter_ok or starting)
-        return ok, detail

@@ -8,7 +8,8 @@ state, so that a scrape or a lookup never sees a request that is neither in flig
 that do I/O (``blocking = True``: the ledger) get them after the lock is released.
 
 A step observer implements ``observe_step(record, geometry)`` and sees every step the attributor
-accepted (the id aliases, the simulated meter's load). The in-memory classes here are not thread-safe:
+accepted (the simulated meter's load); the recent-results store learns each request's names once, when
+it first appears. The in-memory classes here are not thread-safe:
 the sidecar serialises them with its lock.
 """
 
@@ -18,6 +19,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
+
+import msgspec
 
 from wattprint.exporters.histograms import (
     ENERGY_PER_TOKEN_BUCKETS_J,
@@ -29,6 +32,7 @@ from wattprint.profiler.core.costmodel import ModelGeometry, kv_read_bytes, kv_w
 from wattprint.profiler.core.records import StepRecord
 from wattprint.profiler.core.results import RequestResult
 from wattprint.profiler.core.strata import normalize
+from wattprint.profiler.sidecar.access import MAX_REF_CHARS
 from wattprint.profiler.vllm.ids import request_aliases
 
 _MAX_IDS_PER_ALIAS = 256
@@ -72,11 +76,31 @@ class Sinks:
                     self._fail(sink.where, "%s failed on request %s", type(sink).__name__, res.id)
 
 
+class EngineResult(RequestResult):
+    """A request's result as the sidecar keeps it: with the engine session it ran in (records are keyed by
+    engine and the engine's own request id) and, for an ``incomplete`` one, what is missing (``start``:
+    its first steps never arrived; ``steps``: records were lost while it ran)."""
+
+    engine: str = ""
+    missing: str | None = None
+
+    @classmethod
+    def of(cls, res: RequestResult, *, engine: str, model: str | None, status: str,
+           missing: str | None) -> EngineResult:
+        d = msgspec.structs.asdict(res)
+        d.update(engine=engine, status=status, missing=missing)
+        if model is not None:
+            d["model"] = model
+        return cls(**d)
+
+
 def combine_results(rid: str, parts: list[RequestResult]) -> RequestResult:
     """One result for a client id that maps to several engine requests (several prompts, n > 1)."""
     starts = [p.t_start for p in parts if p.t_start is not None]
     ends = [p.t_end for p in parts if p.t_end is not None]
-    return RequestResult(
+    statuses = {p.status for p in parts}
+    missing = sorted({m for p in parts if (m := getattr(p, "missing", None))})
+    return EngineResult(
         id=rid,
         energy_j=sum(p.energy_j for p in parts),
         prefill_j=sum(p.prefill_j for p in parts),
@@ -92,66 +116,112 @@ def combine_results(rid: str, parts: list[RequestResult]) -> RequestResult:
         t_start=min(starts) if starts else None,
         t_end=max(ends) if ends else None,
         model=parts[0].model,
-        status="final" if all(p.status == "final" for p in parts) else "provisional",
+        status=statuses.pop() if len(statuses) == 1 else ("incomplete" if "incomplete" in statuses else "provisional"),
+        compute_j=sum(p.compute_j for p in parts),
+        weights_j=sum(p.weights_j for p in parts),
+        static_j=sum(p.static_j for p in parts),
+        cached_prompt_tokens=sum(p.cached_prompt_tokens for p in parts),
+        engine=getattr(parts[0], "engine", ""),
+        missing=",".join(missing) or None,
     )
 
 
+def _bounded_add(index: OrderedDict, name: str, key, capacity: int) -> None:
+    keys = index.get(name)
+    if keys is None:
+        index[name] = [key]
+        if len(index) > capacity:
+            index.popitem(last=False)
+    elif key not in keys and len(keys) < _MAX_IDS_PER_ALIAS:
+        keys.append(key)
+
+
+Key = tuple  # (engine session, engine request id)
+
+
 class RecentResults:
-    """The last ``capacity`` results by engine id, and the client-visible ids (OpenAI response ids) each
-    engine id answers to, for ``/v1/requests/{id}``."""
+    """The last ``capacity`` results by (engine, engine request id); the names each record answers to
+    (its engine id and the OpenAI response ids it maps to, for operators), the middleware's reference
+    of each request (for the per-request URL) and the exemplar pseudonym of each stored record.
+
+    Names are learnt once per request, when it first appears (:meth:`note_new`)."""
 
     where = "results"
     blocking = False
 
-    def __init__(self, capacity: int = 20_000, alias_capacity: int = 100_000):
+    def __init__(self, capacity: int = 20_000, alias_capacity: int = 100_000,
+                 pseudonym: Callable[[str], str] | None = None):
         self.capacity = max(1, capacity)
         self.alias_capacity = max(1, alias_capacity)
-        self._recent: OrderedDict[str, RequestResult] = OrderedDict()
-        self._aliases: OrderedDict[str, list[str]] = OrderedDict()
+        self.pseudonym = pseudonym
+        self._recent: OrderedDict[Key, RequestResult] = OrderedDict()
+        self._aliases: OrderedDict[str, list[Key]] = OrderedDict()
+        self._refs: OrderedDict[str, list[Key]] = OrderedDict()
+        self._pseudonyms: OrderedDict[str, Key] = OrderedDict()
 
     def record(self, result: RequestResult) -> None:
-        self._recent[result.id] = result
-        self._recent.move_to_end(result.id)
+        key = (getattr(result, "engine", ""), result.id)
+        self._recent[key] = result
+        self._recent.move_to_end(key)
         while len(self._recent) > self.capacity:
             self._recent.popitem(last=False)
+        if self.pseudonym is not None:
+            self._pseudonyms[self.pseudonym(record_name(result))] = key
+            while len(self._pseudonyms) > self.capacity:
+                self._pseudonyms.popitem(last=False)
 
-    def observe_step(self, record: StepRecord, geometry: ModelGeometry) -> None:
-        for r in record.requests:
-            for alias in request_aliases(r.id):
-                ids = self._aliases.get(alias)
-                if ids is None:
-                    self._aliases[alias] = [r.id]
-                    if len(self._aliases) > self.alias_capacity:
-                        self._aliases.popitem(last=False)
-                elif r.id not in ids and len(ids) < _MAX_IDS_PER_ALIAS:
-                    ids.append(r.id)
+    def note_new(self, engine: str, entries) -> None:
+        """Requests of ``engine`` seen for the first time: learn their names and references."""
+        for e in entries:
+            key = (engine, e.id)
+            for name in (e.id, *request_aliases(e.id)):
+                _bounded_add(self._aliases, name, key, self.alias_capacity)
+            ref = getattr(e, "ref", None)
+            if ref:
+                _bounded_add(self._refs, ref[:MAX_REF_CHARS], key, self.alias_capacity)
 
-    def lookup(self, rid: str, in_flight: Callable[[str], RequestResult | None]) -> RequestResult | None:
-        """A request's result by engine id or client id, stored or (``in_flight``) provisional; a client
-        id that maps to several engine requests gets their sum; None if unknown."""
+    def _get(self, key: Key, in_flight: Callable[[str, str], RequestResult | None]) -> RequestResult | None:
+        res = self._recent.get(key)
+        return res if res is not None else in_flight(*key)
 
-        def exact(i: str) -> RequestResult | None:
-            res = self._recent.get(i)
-            return res if res is not None else in_flight(i)
-
-        res = exact(rid)
-        if res is not None:
-            return res
-        parts = [p for p in (exact(e) for e in self._aliases.get(rid, ())) if p is not None]
+    def _combined(self, name: str, keys, in_flight) -> RequestResult | None:
+        parts = [p for p in (self._get(k, in_flight) for k in keys) if p is not None]
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else combine_results(rid, parts)
+        return parts[0] if len(parts) == 1 else combine_results(name, parts)
+
+    def lookup(self, rid: str, in_flight: Callable[[str, str], RequestResult | None]) -> RequestResult | None:
+        """(Operators) a record by engine id, response id or exemplar pseudonym; several engine requests
+        answering to one name are summed; None if unknown."""
+        key = self._pseudonyms.get(rid)
+        if key is not None:
+            return self._get(key, in_flight)
+        return self._combined(rid, self._aliases.get(rid, ()), in_flight)
+
+    def lookup_ref(self, ref: str, response_id: str,
+                   in_flight: Callable[[str, str], RequestResult | None]) -> RequestResult | None:
+        """(Clients) the records of the one request the middleware gave reference ``ref``."""
+        keys = [k for k in self._refs.get(ref, ()) if k[1] == response_id or response_id in request_aliases(k[1])]
+        return self._combined(response_id, keys, in_flight)
+
+
+def record_name(result: RequestResult) -> str:
+    return f"{getattr(result, 'engine', '')}/{result.id}"
 
 
 class RequestHistograms:
     """Final requests counted and their energy (and energy per output token) in histograms with
-    request-id exemplars, per (model, stratum). Results not final (cut short) are not counted."""
+    exemplars, per (model, stratum). Results not final (cut short, incomplete) are not counted. The
+    exemplar of a request is ``exemplar(result)``: by default its id; the sidecar gives the record's
+    pseudonym (:func:`wattprint.profiler.sidecar.access.pseudonym`)."""
 
     where = "results"
     blocking = False
 
-    def __init__(self, clock: Callable[[], float | None] = time.time):
+    def __init__(self, clock: Callable[[], float | None] = time.time,
+                 exemplar: Callable[[RequestResult], str] | None = None):
         self.clock = clock  # exemplar timestamps
+        self.exemplar = exemplar or (lambda r: r.id)
         self.requests: dict[tuple[str, str], int] = {}
         self.energy: dict[tuple[str, str], HistogramState] = {}
         self.per_token: dict[tuple[str, str], HistogramState] = {}
@@ -162,15 +232,16 @@ class RequestHistograms:
         key = (result.model or "", normalize(result.stratum))
         self.requests[key] = self.requests.get(key, 0) + 1
         ts = self.clock()
+        ex = self.exemplar(result)
         hist = self.energy.get(key)
         if hist is None:
             hist = self.energy[key] = HistogramState(REQUEST_ENERGY_BUCKETS_J)
-        hist.observe(result.energy_j, result.id, ts)
+        hist.observe(result.energy_j, ex, ts)
         if result.output_tokens:
             hist = self.per_token.get(key)
             if hist is None:
                 hist = self.per_token[key] = HistogramState(ENERGY_PER_TOKEN_BUCKETS_J)
-            hist.observe(result.energy_j / result.output_tokens, result.id, ts)
+            hist.observe(result.energy_j / result.output_tokens, ex, ts)
 
     def copy(self) -> tuple[dict, dict, dict]:
         """(request counts, energy histograms, energy-per-token histograms), copied."""

@@ -2,12 +2,20 @@
 
 The receiver binds ``ipc://PATH`` (file mode 0600; a stale socket file left by a dead process is removed,
 a live one or a non-socket refused), decodes each message and puts it in a :class:`MessageQueue`
-bounded in records and in messages. It never waits on the consumer: what does not fit is counted as
-``queue_full``, undecodable messages as ``decode_error``, and the increase of each hook's own drop count
-(``Steps.dropped_total``) as ``hook_queue_full``.
+bounded in messages, in entries (request entries of the queued records) and in wire bytes. It never
+waits on the consumer: what does not fit is counted as ``queue_full``, undecodable messages as
+``decode_error``, and the increase of each hook's own drop count (``Steps.dropped_total``) as
+``hook_queue_full`` - checked first: an increase no hook could reach in the time since its previous
+message (:data:`~wattprint.profiler.core.validate.MAX_STEPS_PER_S`; a first report over ``MAX_STEP``) is not added, but counted as an
+internal error ``implausible_drop_count``.
+
+Each queued item is ``(message, t_received, gap)``: ``gap`` is True when records of that engine session
+were lost just before it (dropped here, or by its hook), so that the requests it had in flight are
+reported ``incomplete``. :meth:`MessageQueue.oldest_t` is the receive time of the oldest queued message
+(the consumer does not settle time it has not read yet, and reports the backlog).
 
 Counting and logging go to ``stats``, any object with ``count_drop(reason, n)``, ``count_message()``,
-``fail(where, msg, *args)`` and ``warn(key, msg, *args)`` (the sidecar's
+``count_error(where)``, ``fail(where, msg, *args)`` and ``warn(key, msg, *args)`` (the sidecar's
 :class:`~wattprint.profiler.sidecar.stats.Counters`).
 """
 
@@ -26,44 +34,70 @@ import msgspec
 import zmq
 
 from wattprint.errors import ConfigError
+from wattprint.profiler.core.validate import MAX_STEP, MAX_STEPS_PER_S, STEP_JUMP_SLACK
 from wattprint.profiler.transport import messages as transport
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20  # a bigger message disconnects the peer (ZMQ_MAXMSGSIZE)
-RECV_HWM = 10_000  # messages ZeroMQ buffers before the peer's sends start to fail (and are counted there)
-_MAX_PIDS = 256  # hooks whose drop count is remembered
+MAX_MESSAGE_BYTES = transport.MAX_MESSAGE_BYTES
+RECV_HWM = 4_096  # messages ZeroMQ buffers before the peer's sends start to fail (and are counted there)
+_MAX_SESSIONS = 256  # hooks whose drop count is remembered
 
 
 class MessageQueue:
-    """Bounded FIFO between the receive thread and its consumer, bounded in records and in messages."""
+    """Bounded FIFO between the receive thread and its consumer, bounded in messages, in request
+    entries and in wire bytes."""
 
-    def __init__(self, max_records: int, max_messages: int):
-        self.max_records = max_records
+    def __init__(self, max_entries: int, max_messages: int, max_bytes: int = 32 << 20):
+        self.max_entries = max_entries
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self._items: deque = deque()
-        self._records = 0
+        self._entries = 0
+        self._bytes = 0
         self._cond = threading.Condition()
 
-    def put(self, item, n_records: int) -> bool:
-        """Queue ``item`` holding ``n_records`` records; False (nothing queued) when it does not fit."""
+    def put(self, item, n_entries: int, n_bytes: int = 0, t: float | None = None, gap: bool = False) -> bool:
+        """Queue ``item`` holding ``n_entries`` entries; False (nothing queued) when it does not fit."""
         with self._cond:
-            if len(self._items) >= self.max_messages or (n_records and self._records + n_records > self.max_records):
+            if len(self._items) >= self.max_messages or (n_entries and self._entries + n_entries > self.max_entries) \
+                    or (self._items and self._bytes + n_bytes > self.max_bytes):
                 return False
-            self._items.append((item, n_records))
-            self._records += n_records
+            self._items.append((item, time.monotonic() if t is None else t, gap, n_entries, n_bytes))
+            self._entries += n_entries
+            self._bytes += n_bytes
             self._cond.notify()
             return True
 
     def get_all(self, timeout_s: float) -> list:
-        """Everything queued, after waiting up to ``timeout_s`` for something when empty."""
+        """Everything queued as ``(message, t_received, gap)``, after waiting up to ``timeout_s`` for
+        something when empty."""
         with self._cond:
             if not self._items and timeout_s > 0:
                 self._cond.wait(timeout_s)
-            items = [item for item, _ in self._items]
+            items = [it[:3] for it in self._items]
             self._items.clear()
-            self._records = 0
+            self._entries = self._bytes = 0
             return items
+
+    def get_some(self, timeout_s: float, max_entries: int) -> list:
+        """Like :meth:`get_all`, but at most about ``max_entries`` entries (at least one message)."""
+        with self._cond:
+            if not self._items and timeout_s > 0:
+                self._cond.wait(timeout_s)
+            out, n = [], 0
+            while self._items and (not out or n + self._items[0][3] <= max_entries):
+                it = self._items.popleft()
+                out.append(it[:3])
+                n += it[3]
+                self._entries -= it[3]
+                self._bytes -= it[4]
+            return out
+
+    def oldest_t(self) -> float | None:
+        """When the oldest queued message was received (None when empty)."""
+        with self._cond:
+            return self._items[0][1] if self._items else None
 
     def wake(self) -> None:
         with self._cond:
@@ -108,7 +142,8 @@ class Receiver:
         self.socket_file = address[len("ipc://"):] if address.startswith("ipc://") else None
         self.queue = queue
         self.stats = stats
-        self._hook_dropped: OrderedDict[int, int] = OrderedDict()
+        self._hook_dropped: OrderedDict[str, tuple[int, float]] = OrderedDict()  # session -> (total, t)
+        self._lost: set[str] = set()  # sessions whose records were dropped here since their last message
         self._hook_lock = threading.Lock()
         self._stop = threading.Event()
         self._ctx: zmq.Context | None = None
@@ -118,10 +153,10 @@ class Receiver:
     def bind(self) -> None:
         """Bind the PULL socket (raises :class:`ConfigError` when the address is taken or unusable)."""
         if self.socket_file:
-            remove_stale_socket(self.socket_file)
             parent = os.path.dirname(self.socket_file)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
+            if parent and not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            remove_stale_socket(self.socket_file)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
@@ -196,19 +231,43 @@ class Receiver:
             self.stats.warn("decode", "undecodable message (%d bytes): %s", len(data), exc)
             return
         if isinstance(msg, transport.Steps):
-            self._note_hook_drops(msg.pid, msg.dropped_total)
-            n = len(msg.records)
-            if n and not self.queue.put(msg, n):
-                self.stats.count_drop("queue_full", n)
-        elif not self.queue.put(msg, 0):
+            key = transport.session_key(msg)
+            gap = self._note_hook_drops(key, msg.dropped_total)
+            n = sum(len(r.requests) for r in msg.records)
+            if not msg.records:
+                if gap:
+                    with self._hook_lock:
+                        self._lost.add(key)
+                return
+            with self._hook_lock:
+                gap = gap or key in self._lost
+                self._lost.discard(key)
+            if not self.queue.put(msg, max(n, 1), len(data), gap=gap):
+                self.stats.count_drop("queue_full", len(msg.records))
+                with self._hook_lock:
+                    self._lost.add(key)
+        elif not self.queue.put(msg, 0, len(data)):
             self.stats.count_drop("queue_full")
             self.stats.warn("hello_drop", "queue full, a Hello from pid %s was dropped", msg.pid)
 
-    def _note_hook_drops(self, pid: int, total: int) -> None:
+    def _note_hook_drops(self, key: str, total: int) -> bool:
+        """Count the increase of a hook's drop count; True when it dropped records since its last message."""
+        now = time.monotonic()
         with self._hook_lock:
-            prev = self._hook_dropped.pop(pid, 0)
+            prev, t_prev = self._hook_dropped.pop(key, (0, None))
             delta = total - prev if total >= prev else total  # smaller: a new process reused the pid
-            self._hook_dropped[pid] = total
-            while len(self._hook_dropped) > _MAX_PIDS:
+            plausible = total >= 0 and delta <= (MAX_STEP if t_prev is None
+                                                 else MAX_STEPS_PER_S * (now - t_prev) + STEP_JUMP_SLACK)
+            if plausible:
+                self._hook_dropped[key] = (total, now)
+            elif t_prev is not None:
+                self._hook_dropped[key] = (prev, t_prev)
+            while len(self._hook_dropped) > _MAX_SESSIONS:
                 self._hook_dropped.popitem(last=False)
+        if not plausible:
+            self.stats.count_error("implausible_drop_count")
+            self.stats.warn("drop_count", "hook %s reports %d dropped records, more than it could have; ignored",
+                            key, total)
+            return True
         self.stats.count_drop("hook_queue_full", delta)
+        return delta > 0

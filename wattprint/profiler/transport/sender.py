@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
 
+import msgspec
 import zmq
 
 from wattprint.profiler.core.records import StepRecord
@@ -113,6 +115,8 @@ class Sender:
         self.wire = Wire(address, max(1, hwm // BATCH_MAX))
         self.hwm = hwm
         self.pid = os.getpid()
+        #: a random token naming this engine process to the sidecar (drawn again in a forked child)
+        self.session = secrets.token_hex(8)
         self.hello: bytes | None = None  # the encoded Hello, sent again after a reconnect
         self.dropped = 0  # records the wire dropped (ZeroMQ queue full)
         self.queue_dropped = 0  # records lost before the wire (caller's or sender's queue full)
@@ -127,11 +131,22 @@ class Sender:
 
     def after_fork_in_child(self) -> None:
         self.pid = os.getpid()
+        self.session = secrets.token_hex(8)
         self.wire.forget()
         self.hello = None
 
+    def stamp_hello(self, data: bytes) -> bytes:
+        """The encoded Hello with this sender's session token (once per Hello, not on the step path)."""
+        try:
+            hello = messages.decode(data)
+            if isinstance(hello, messages.Hello) and not hello.session:
+                return messages.encode(msgspec.structs.replace(hello, session=self.session))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+        return data
+
     def _send_records(self, records: list) -> None:
-        data = messages.encode(messages.Steps(self.pid, records, self.dropped + self.queue_dropped))
+        data = messages.encode(messages.Steps(self.pid, records, self.dropped + self.queue_dropped, self.session))
         if not self.wire.send(data):
             self.dropped += len(records)
 
@@ -147,7 +162,7 @@ class DirectSender(Sender):
         self.last_flush = 0.0
 
     def send_hello(self, data: bytes) -> None:
-        self.hello = data
+        self.hello = data = self.stamp_hello(data)
         if self.batch:
             self.flush(time.monotonic())
         self.wire.send(data)
@@ -193,7 +208,7 @@ class ThreadSender(Sender):
         self.thread: threading.Thread | None = None
 
     def send_hello(self, data: bytes) -> None:
-        self.hello = data
+        self.hello = data = self.stamp_hello(data)
         if self.thread is None:
             self._start_thread()
         self.queue.put(data)

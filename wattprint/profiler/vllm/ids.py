@@ -11,9 +11,10 @@ vLLM; only :func:`ids_randomized` asks the installed vLLM (in the engine process
   children (``n > 1``) get the prefix ``"<index>_"``.
 * Recent vLLM (whose ``EngineCoreRequest`` has an ``external_req_id`` field, >= 0.11) appends ``-`` and
   8 random lower-case hex digits to that id (``InputProcessor.assign_request_id``), unless
-  ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set (to anything but ``0``). The hook strips them
-  (:func:`strip_random_suffix`), so step records carry the id the caller gave; the sidecar maps an
-  engine id back to every client-visible id it answers to (:func:`request_aliases`).
+  ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set (to anything but ``0``). Step records carry that
+  engine id whole (two requests sent with one ``X-Request-Id`` stay apart); the sidecar maps an engine
+  id back to every client-visible id it answers to (:func:`request_aliases`, with
+  :func:`strip_random_suffix`), once per request.
 """
 
 from __future__ import annotations

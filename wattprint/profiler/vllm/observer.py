@@ -23,8 +23,10 @@ however small the chunk), and decode tokens otherwise (speculative draft tokens 
 of a request's first entry is what the prefix cache (or a KV connector) supplied: vLLM sets
 ``num_computed_tokens`` to the hit before the step. A request's last entry is flagged ``finished`` and
 carries ``output_tokens``, the engine's own count (tokens of steps still in flight when it stopped, which
-vLLM discards, are not in it). Request ids are the ids the caller gave vLLM
-(:func:`wattprint.profiler.vllm.ids.strip_random_suffix`).
+vLLM discards, are not in it). Request ids are the engine's own ids (with vLLM's random suffix: two
+requests sent with one ``X-Request-Id`` stay two records; the sidecar maps them back to the response id,
+:mod:`wattprint.profiler.vllm.ids`). A request's first entry carries the reference the HTTP middleware
+gave it (``extra_args['wattprint_ref']``, :class:`~wattprint.profiler.transport.messages.WireEntry`).
 
 A request aborted between steps (not in a step in flight) gets no finished entry: no later step has it,
 and an entry without tokens is not a valid record; consumers settle it when it goes stale.
@@ -42,9 +44,9 @@ import os
 
 from wattprint.profiler.core.records import RequestEntry, StepRecord
 from wattprint.profiler.transport import messages
+from wattprint.profiler.transport.messages import WireEntry
 from wattprint.profiler.transport.sender import Sender
 from wattprint.profiler.vllm.hello import make_hello
-from wattprint.profiler.vllm.ids import strip_random_suffix
 
 logger = logging.getLogger("vllm.wattprint")
 
@@ -60,7 +62,7 @@ class StepObserver:
         self.sender = sender
         sender.on_error = self.error
         self.fin = int(finished_above)  # RequestStatus values above this are finished
-        self.external_id = strip_random_suffix if strip_ids else str
+        self.external_id = str  # the engine's own id (``strip_ids`` is accepted and ignored)
         self.enabled = True
         self.errors = 0
         self.step = 0
@@ -109,14 +111,16 @@ class StepObserver:
     # -- per step ----------------------------------------------------------------------------
 
     def _new_info(self, rid: str, request) -> tuple:
-        stratum = None
+        stratum = ref = None
         sp = getattr(request, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
         if extra:
             s = extra.get("stratum")
             if s is not None:
                 stratum = str(s)
-        inf = self.info[rid] = (self.external_id(rid), stratum)
+            ref = extra.get("wattprint_ref")
+            ref = str(ref) if ref is not None else None
+        inf = self.info[rid] = (self.external_id(rid), stratum, ref)
         return inf
 
     def on_schedule(self, scheduler, scheduler_output, t_schedule: float):
@@ -136,14 +140,17 @@ class StepObserver:
         add_entry = entries.append
         for (rid, n), r in zip(nst.items(), reqs):
             inf = info.get(rid)
+            ref = None
             if inf is None:
                 inf = self._new_info(rid, r)
+                ref = inf[2]
             before = r.num_computed_tokens - n  # the scheduler already advanced it by n
             p = r.num_prompt_tokens
-            if before < p or before < r.num_tokens - 1:  # the prompt, or recompute after a preemption
-                add_entry(RequestEntry(inf[0], n, 0, before, inf[1], p))
-            else:
-                add_entry(RequestEntry(inf[0], 0, n, before, inf[1], p))
+            pre, dec = (n, 0) if before < p or before < r.num_tokens - 1 else (0, n)  # prompt, or recompute
+            if ref is None:
+                add_entry(RequestEntry(inf[0], pre, dec, before, inf[1], p))
+            else:  # its first entry: with the middleware's reference
+                add_entry(WireEntry(inf[0], pre, dec, before, inf[1], p, ref=ref))
         pending = self.pending
         if len(pending) >= MAX_PENDING:  # update_from_output never came for the oldest
             del pending[next(iter(pending))]

@@ -250,7 +250,9 @@ def test_example_prometheus_config():
 def test_exposition_fixture_is_real(exposition):
     names, labels = exposition_index(exposition)
     assert 'source="simulated"' in exposition
-    assert re.search(r'wattprint_request_energy_joules_bucket\{[^}]*\} \S+ # \{request_id="req-', exposition)
+    # exemplars carry a keyed pseudonym of the request id (operators resolve it), never the id itself
+    assert re.search(r'wattprint_request_energy_joules_bucket\{[^}]*\} \S+ # \{request_id="x[\w-]+"', exposition)
+    assert 'request_id="req-' not in exposition
     assert {"model", "phase", "stratum"} <= labels["wattprint_energy_joules_total"]
     assert "wattprint_internal_errors_total" in names  # declared even before any error
 

@@ -36,9 +36,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+OPERATOR_TOKEN = "e2e-operator-token-0123456789"  # the sidecars below read everything with it
+
+
+def _get(url: str, timeout: float = 5.0, token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -85,12 +89,13 @@ def _start_sidecar(tmp: Path, sock: str, port: int, name: str) -> subprocess.Pop
     return subprocess.Popen(
         WATTPRINT + ["sidecar", "--meter", "simulated", "--socket", sock, "--metrics-port", str(port),
                      "--ledger", str(tmp / "ledger.jsonl"), "--window-s", "0.5"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, WATTPRINT_OPERATOR_TOKEN=OPERATOR_TOKEN))
 
 
 def _final(metrics: str, rid: str, timeout_s: float = 40.0) -> dict:
     def ready():
-        code, body = _get(f"{metrics}/v1/requests/{rid}")
+        code, body = _get(f"{metrics}/v1/requests/{rid}", token=OPERATOR_TOKEN)
         data = json.loads(body) if code == 200 else None
         return data if data and data.get("status") == "final" else None
 

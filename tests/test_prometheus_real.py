@@ -190,7 +190,7 @@ def test_real_prometheus_scrapes_real_sidecar():
                 if "wattprint_internal_errors_total" not in expr:  # absent until an error happens
                     assert result, (p["title"], expr)
 
-        # --- exemplars carry request ids of requests we sent
+        # --- exemplars carry keyed pseudonyms of requests we sent (the operator resolves them), never ids
         known = set(ids)
         ex = exemplars()
         seen = set()
@@ -200,7 +200,9 @@ def test_real_prometheus_scrapes_real_sidecar():
             for e in group["exemplars"]:
                 seen.add(e["labels"]["request_id"])
                 assert float(e["value"]) > 0
-        assert seen and seen <= known, (seen - known)
+        assert seen and not seen & known
+        resolved = [sc.lookup(x) for x in seen]
+        assert None not in resolved and {r.id for r in resolved} <= known, resolved
 
         # --- no request id is ever a label value
         series = api.get("/api/v1/series", **{"match[]": ['{__name__=~".+"}'], "start": f"{t_wall0 - 60:.3f}",

@@ -24,7 +24,6 @@ pytest.importorskip("vllm")
 from wattprint.profiler.core.records import validate_steps  # noqa: E402
 from wattprint.profiler.transport import messages  # noqa: E402
 from wattprint.profiler.vllm import hook  # noqa: E402
-from wattprint.profiler.vllm.ids import strip_random_suffix  # noqa: E402
 from wattprint.profiler.vllm.observer import StepObserver  # noqa: E402
 
 BLOCK = 16
@@ -93,7 +92,7 @@ def patched(monkeypatch):
 def recorder(patched):
     cls, finished_above = hook._check_layout()
     rec = WireRecorder()
-    hook._patch(cls, StepObserver(rec, finished_above=finished_above, strip_ids=True), None)
+    hook._patch(cls, StepObserver(rec, finished_above=finished_above), None)
     return rec
 
 
@@ -227,8 +226,7 @@ def by_request(records):
 
 def check(records, eng: Engine) -> dict:
     """The hook's records against what the scheduler did (see the module docstring). Returns the
-    records' entries by request id (as the hook names requests: without vLLM's random suffix)."""
-    eng = external_ids(eng)
+    records' entries by request id (the engine's own ids, vLLM's random suffix kept)."""
     validate_steps(records, "<hook>")
     for a, b in itertools.pairwise(records):
         assert a.t_end <= b.t_start < b.t_end, "steps overlap"
@@ -265,17 +263,6 @@ def check(records, eng: Engine) -> dict:
             assert es[0].context_tokens + sum(e.prefill_tokens for e in es) == es[0].prompt_tokens, rid
             assert sampled_prefill == (1 if eng.emitted[rid] else 0), rid
     return entries
-
-
-def external_ids(eng: Engine) -> SimpleNamespace:
-    """What the driver saw, by the ids the hook gives requests."""
-    ext = strip_random_suffix
-    return SimpleNamespace(
-        requests={ext(k): v for k, v in eng.requests.items()}, emitted={ext(k): v for k, v in eng.emitted.items()},
-        cached={ext(k): v for k, v in eng.cached.items()}, finished={ext(k) for k in eng.finished},
-        preempted={ext(k) for k in eng.preempted},
-        steps=[{"tokens": {ext(k): v for k, v in s["tokens"].items()}, "wasted": {ext(k) for k in s["wasted"]}}
-               for s in eng.steps])
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -353,7 +340,7 @@ def test_install_drives_async_scheduler_over_the_wire(tiny_config, patched, tmp_
     try:
         assert hook.install(address)
         eng = Engine(make_scheduler(tiny_config, "async"), "async")
-        eng.add("x-0123abcd", prompt(30, 70), max_tokens=8)  # vLLM's internal id: the random suffix goes
+        eng.add("x-0123abcd", prompt(30, 70), max_tokens=8)  # vLLM's internal ids: kept as they are
         eng.add("y-89abcdef", prompt(31, 20), max_tokens=5, stop_after=2)
         eng.run()
         hook.observer().close(1.0)
@@ -368,4 +355,4 @@ def test_install_drives_async_scheduler_over_the_wire(tiny_config, patched, tmp_
     hello = next(m for m in got if isinstance(m, messages.Hello))
     assert hello.engine == "vllm" and hello.kv_block_size == BLOCK
     records = [r for m in got if isinstance(m, messages.Steps) for r in m.records]
-    assert set(check(records, eng)) == {"x", "y"}
+    assert set(check(records, eng)) == {"x-0123abcd", "y-89abcdef"}

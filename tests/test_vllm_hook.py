@@ -90,7 +90,7 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(address)
-    obs = StepObserver(SENDERS[sender_kind](address, hwm=1000), finished_above=PREEMPTED, strip_ids=True)
+    obs = StepObserver(SENDERS[sender_kind](address, hwm=1000), finished_above=PREEMPTED)
     obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
 
     def req(rid, prompt, outputs=0, computed=0, stratum=None):
@@ -135,14 +135,15 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     assert [(r.t_start, r.t_end) for r in records] == [(1.0, 3.0), (3.0, 4.0), (4.0, 5.0)]
     rows = [{e.id: (e.prefill_tokens, e.decode_tokens, e.context_tokens, e.finished) for e in r.requests}
             for r in records]
-    assert rows[0] == {"a": (10, 0, 0, False), "b": (8, 0, 0, False)}
-    assert rows[1] == {"a": (0, 1, 10, False), "b": (8, 0, 8, False)}  # b: outputs recomputed = prefill
-    assert rows[2] == {"a": (0, 1, 11, True), "b": (0, 1, 16, True)}  # finished once, on the last step
+    A, B = a.request_id, b.request_id  # the engine's own ids (vLLM's random suffix kept)
+    assert rows[0] == {A: (10, 0, 0, False), B: (8, 0, 0, False)}
+    assert rows[1] == {A: (0, 1, 10, False), B: (8, 0, 8, False)}  # b: outputs recomputed = prefill
+    assert rows[2] == {A: (0, 1, 11, True), B: (0, 1, 16, True)}  # finished once, on the last step
     # the engine's output count, on the finished entry only (s3's token for a was discarded by vLLM)
-    assert [{e.id: e.output_tokens for e in r.requests} for r in records][2] == {"a": 2, "b": 5}
+    assert [{e.id: e.output_tokens for e in r.requests} for r in records][2] == {A: 2, B: 5}
     assert all(e.output_tokens is None for r in records[:2] for e in r.requests)
-    assert all(e.stratum == ("science" if e.id == "a" else None) for r in records for e in r.requests)
-    assert all(e.prompt_tokens == {"a": 10, "b": 12}[e.id] for r in records for e in r.requests)
+    assert all(e.stratum == ("science" if e.id == A else None) for r in records for e in r.requests)
+    assert all(e.prompt_tokens == {A: 10, B: 12}[e.id] for r in records for e in r.requests)
     assert obs.info == {} and obs.pending == {}
 
 

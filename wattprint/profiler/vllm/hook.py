@@ -36,7 +36,6 @@ import time
 
 from wattprint.profiler.transport import messages as transport
 from wattprint.profiler.transport.sender import SENDERS
-from wattprint.profiler.vllm.ids import ids_randomized
 from wattprint.profiler.vllm.observer import StepObserver
 from wattprint.profiler.vllm.stats import HookStats
 
@@ -140,7 +139,7 @@ def install(address: str | None = None) -> bool:
         raise ValueError(f"{ENV_SENDER} must be 'direct' or 'thread', got {kind!r}")
     hwm = int(os.environ.get(ENV_SNDHWM) or transport.SEND_HWM)
     sender = SENDERS[kind](transport.address(address), hwm)
-    obs = StepObserver(sender, finished_above=finished_above, strip_ids=ids_randomized())
+    obs = StepObserver(sender, finished_above=finished_above)
     stats = None
     stats_path = os.environ.get(ENV_STATS)
     if stats_path:

@@ -1,7 +1,6 @@
 """vLLM's request-id formats, in one place.
 
-Nothing here imports vLLM at module level: the sidecar and the HTTP middleware use this module without
-vLLM; only :func:`ids_randomized` asks the installed vLLM (in the engine process, for the hook).
+Nothing here imports vLLM: the sidecar and the HTTP middleware use this module without it.
 
 * The OpenAI server gives its answers the response ids ``chatcmpl-<X>`` (``/v1/chat/completions``) and
   ``cmpl-<X>`` (``/v1/completions``), ``<X>`` from the ``X-Request-Id`` header, else the body's
@@ -19,7 +18,6 @@ vLLM; only :func:`ids_randomized` asks the installed vLLM (in the engine process
 
 from __future__ import annotations
 
-import os
 import re
 
 #: OpenAI endpoint -> the prefix of the response ids vLLM gives its answers
@@ -49,15 +47,3 @@ def request_aliases(engine_id: str) -> list[str]:
             out.append(new)
             rid = new
     return out
-
-
-def ids_randomized() -> bool:
-    """Whether the installed vLLM appends a random suffix to request ids (it has ``external_req_id``,
-    and the randomization is not disabled by ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION``)."""
-    try:
-        from vllm.v1.engine import EngineCoreRequest
-    except Exception:  # noqa: BLE001
-        return False
-    if "external_req_id" not in getattr(EngineCoreRequest, "__struct_fields__", ()):
-        return False
-    return os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0") in ("", "0")

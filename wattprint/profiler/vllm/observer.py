@@ -58,11 +58,10 @@ _get_status = operator.attrgetter("status")
 class StepObserver:
     """Turns scheduler calls into StepRecords and hands them to a sender (see the module docstring)."""
 
-    def __init__(self, sender: Sender, *, finished_above: int, strip_ids: bool = True):
+    def __init__(self, sender: Sender, *, finished_above: int):
         self.sender = sender
         sender.on_error = self.error
         self.fin = int(finished_above)  # RequestStatus values above this are finished
-        self.external_id = str  # the engine's own id (``strip_ids`` is accepted and ignored)
         self.enabled = True
         self.errors = 0
         self.step = 0
@@ -120,7 +119,7 @@ class StepObserver:
                 stratum = str(s)
             ref = extra.get("wattprint_ref")
             ref = str(ref) if ref is not None else None
-        inf = self.info[rid] = (self.external_id(rid), stratum, ref)
+        inf = self.info[rid] = (rid, stratum, ref)  # the engine's own id: no client controls it
         return inf
 
     def on_schedule(self, scheduler, scheduler_output, t_schedule: float):

@@ -77,7 +77,7 @@ def run_demo(args) -> int:
     from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
     from wattprint.profiler.sidecar.daemon import Sidecar
-    from wattprint.profiler.sidecar.driver import add_totals
+    from wattprint.profiler.sidecar.totals import add_totals
     from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 
 from wattprint.errors import InputError
+from wattprint.profiler.core import validate
 
 
 class RequestEntry(msgspec.Struct, omit_defaults=True, gc=False):
@@ -177,33 +178,28 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
 
     t0 = np.fromiter(map(_get_t0, steps), float, n)
     t1 = np.fromiter(map(_get_t1, steps), float, n)
-    num = np.fromiter(map(_get_step, steps), np.int64, n)
-    finite = np.isfinite(t0) & np.isfinite(t1)
-    if not finite.all():
-        fail(int(np.argmin(finite)), "t_start and t_end must be finite numbers")
-    back = t1 < t0
-    if back.any():
-        i = int(np.argmax(back))
-        fail(i, f"t_end {t1[i]} is before t_start {t0[i]}")
+    num = np.fromiter(map(_get_step, steps), float, n)
+    bad = validate.times_bad(t0, t1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        fail(i, validate.explain_times(t0[i], t1[i]))
+    bad = validate.numbers_bad(num)
+    if bad.any():
+        i = int(np.argmax(bad))
+        fail(i, f"step number {int(num[i])} is out of range [0, {validate.MAX_STEP}]")
     if n > 1:
-        order = num[1:] <= num[:-1]
-        overlap = t0[1:] < t1[:-1] - 1e-6
-        bad = order | overlap
+        bad = validate.order_bad(num[:-1], t1[:-1], num[1:], t0[1:])
         if bad.any():
             i = int(np.argmax(bad)) + 1
-            if order[i - 1]:
-                fail(i, f"steps out of order: step {num[i]} after step {num[i - 1]}")
-            fail(i, f"steps out of order: t_start {t0[i]} is before the previous step's t_end {t1[i - 1]}")
+            fail(i, validate.explain_order(int(num[i - 1]), t1[i - 1], int(num[i]), t0[i]))
     steps = steps[shift:]
     shift = 0  # entry problems below index this chunk's own steps
     e = entries if entries is not None else entry_arrays(steps)
-    bad = (e.prefill < 0) | (e.decode < 0) | (e.context < 0) | (e.prefill + e.decode == 0)
+    bad = validate.entries_bad(e.prefill, e.decode, e.context)
     if bad.any():
         j = int(np.argmax(bad))
         step = int(np.searchsorted(e.offsets, j, side="right")) - 1
-        neg = min(e.prefill[j], e.decode[j], e.context[j]) < 0
-        rid = e.reqs[j].id
-        fail(step, f"request {rid!r} has a negative token count" if neg else f"request {rid!r} is scheduled with no tokens")
+        fail(step, validate.explain_entry(e.reqs[j].id, int(e.prefill[j]), int(e.decode[j]), int(e.context[j])))
     return e
 
 

@@ -177,33 +177,31 @@ def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry], slots: np.n
     Per-request work: each request's first and last entries here are read; only requests still lacking
     a stratum or a prompt length are looked up in their other entries.
     """
-    n = len(table.ids)
-    table.ensure(n)
+    table.ensure(len(table.ids))
     if not len(slots):
         return
-    order = np.arange(len(slots))
-    first = np.full(n, -1, dtype=np.int64)
-    first[slots[::-1]] = order[::-1]  # the last write wins: each slot's first entry
-    last = np.full(n, -1, dtype=np.int64)
-    last[slots] = order
+    # each request's first and last entry here (work in the entries' size, not the table's)
+    uniq, first_pos = np.unique(slots, return_index=True)
+    last_pos = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
     prompt_col, cached_col, output_col = (table.col(c) for c in ("prompt_tokens", "cached_tokens",
                                                                   "given_output_tokens"))
     stratum = table.stratum
-    missing = np.zeros(n, dtype=bool)
-    for k in np.flatnonzero(first >= 0).tolist():
-        r = reqs[first[k]]
+    missing = []
+    for k, i, j in zip(uniq.tolist(), first_pos.tolist(), last_pos.tolist()):
+        r = reqs[i]
         if stratum.get(k) is None and r.stratum is not None:
             stratum[k] = r.stratum
         if not prompt_col[k] and r.prompt_tokens:
             prompt_col[k] = r.prompt_tokens
         if cached_col[k] < 0:  # first sight of the request
             cached_col[k] = r.context_tokens if r.prefill_tokens > 0 else 0
-        given = reqs[last[k]].output_tokens
+        given = reqs[j].output_tokens
         if given is not None and given > output_col[k]:
             output_col[k] = given
-        missing[k] = stratum.get(k) is None or not prompt_col[k]
-    if missing.any():
-        for i in np.flatnonzero(missing[slots]).tolist():
+        if stratum.get(k) is None or not prompt_col[k]:
+            missing.append(k)
+    if missing:
+        for i in np.flatnonzero(np.isin(slots, missing)).tolist():
             r, k = reqs[i], int(slots[i])
             if stratum.get(k) is None and r.stratum is not None:
                 stratum[k] = r.stratum

@@ -198,3 +198,13 @@ def test_many_instances_on_a_process_pool(tmp_path, llama8b, h100, capsys):
         assert s["conservation_error"] <= 1e-9
         assert len((tmp_path / f"gpu{seed}" / "requests.jsonl").read_text().splitlines()) == 15
     assert not (tmp_path / "gpu2" / "requests.jsonl").exists()
+
+
+def test_parquet_traces_give_identical_numbers(trace, tmp_path):
+    """`attribute` reads Parquet directly (wattprint convert) and writes the same requests.jsonl."""
+    for name in ("steps", "energy"):
+        assert main(["convert", str(trace / f"{name}.jsonl"), str(tmp_path / f"{name}.parquet")]) == 0
+    rc, out_json, _ = run(trace, tmp_path / "json")
+    rc2, out_pq, _ = run(trace, tmp_path / "pq", steps=tmp_path / "steps.parquet", energy=tmp_path / "energy.parquet")
+    assert rc == rc2 == 0
+    assert out_pq.read_bytes() == out_json.read_bytes()

@@ -28,6 +28,9 @@ COMMANDS = {
     "profile": ("profile", "run prompts through vLLM offline and attribute their energy"),
     "calibrate": ("calibrate", "measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)"),
     "tiny-model": ("tiny_model", "write a small random-weight Llama and a tokenizer (no downloads)"),
+    "report": ("report", "one self-contained HTML report of a run (plots, sources named)"),
+    "convert": ("convert", "convert steps, energy, requests or a ledger between JSON lines and Parquet"),
+    "ledger": ("ledger", "ledger tools: compact a ledger into Parquet partitioned by day"),
 }
 
 

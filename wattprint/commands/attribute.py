@@ -1,7 +1,7 @@
 """``wattprint attribute``: re-attribute recorded traces (steps + energy) to requests.
 
 One trace (``--steps --energy --out``), or many instance directories at once (``--instances DIR ...``,
-each holding steps.jsonl and energy.jsonl; outputs written into each) on a process pool (``--jobs``).
+each holding steps and energy as .jsonl or .parquet; outputs written into each) on a process pool (``--jobs``).
 Offline by default (one global fit); ``--online`` replays a trace through the sidecar's streaming core.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def add_arguments(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--steps", help="steps.jsonl")
-    a.add_argument("--energy", help="energy.jsonl")
+    a.add_argument("--steps", help="steps.jsonl or steps.parquet")
+    a.add_argument("--energy", help="energy.jsonl or energy.parquet")
     a.add_argument("--out", help="requests.jsonl to write")
     a.add_argument("--summary", help="summary.json to write")
     a.add_argument("--instances", nargs="+", metavar="DIR",
@@ -55,26 +55,24 @@ def run(args: argparse.Namespace) -> int:
 
 def attribute_one(steps_path, energy_path, out, summary, opts: dict):
     """Attribute one trace and write its files (checked for conservation first); returns the result."""
-    from wattprint.commands.common import energy_source, model_config_path
+    from wattprint.commands.common import energy_source, load_steps_file, model_config_path, read_energy_file
     from wattprint.commands.output import check_conservation, write_requests, write_summary
     from wattprint.profiler.attribution.offline import attribute_file
     from wattprint.profiler.core.costmodel import geometry_from_config
     from wattprint.profiler.core.hardware import load_profile
-    from wattprint.profiler.core.records import read_energy
 
     config = model_config_path(opts["model"])
     g = geometry_from_config(config)
     hw = load_profile(opts["hardware"])
-    samples = read_energy(energy_path)
+    samples = read_energy_file(energy_path)
     source = opts.get("source") or energy_source(samples)
     kw = {"source": source, "window_s": opts.get("window_s", 2.0), "model_name": g.name}
     extra = {}
     if opts.get("online"):
         from wattprint.profiler.attribution.replay import replay_online
-        from wattprint.profiler.core.records import read_steps
         from wattprint.profiler.meters.replay import readings_from_samples
 
-        result = replay_online(read_steps(steps_path), readings_from_samples(samples, source), g, hw,
+        result = replay_online(load_steps_file(steps_path).steps, readings_from_samples(samples, source), g, hw,
                                meter_hz=opts.get("meter_hz"), **kw)
         extra = {"driver": "online", "meter_hz": opts.get("meter_hz")}
     else:
@@ -92,11 +90,17 @@ def _one_instance(job: tuple[str, dict]) -> tuple[str, str | None]:
 
     d, opts = job
     try:
-        attribute_one(Path(d) / "steps.jsonl", Path(d) / "energy.jsonl", Path(d) / "requests.jsonl",
+        attribute_one(_trace_file(d, "steps"), _trace_file(d, "energy"), Path(d) / "requests.jsonl",
                       Path(d) / "summary.json", opts)
     except WattprintError as exc:
         return d, str(exc)
     return d, None
+
+
+def _trace_file(d: str, name: str) -> Path:
+    """``DIR/NAME.parquet`` if there is one, else ``DIR/NAME.jsonl``."""
+    parquet = Path(d) / f"{name}.parquet"
+    return parquet if parquet.exists() else Path(d) / f"{name}.jsonl"
 
 
 def _run_instances(args: argparse.Namespace) -> int:

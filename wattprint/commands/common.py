@@ -36,3 +36,25 @@ def energy_source(samples: Iterable) -> str:
     """The one source of a run of energy samples, ``mixed`` or ``unknown``."""
     sources = {s.source for s in samples if s.source}
     return sources.pop() if len(sources) == 1 else ("mixed" if sources else "unknown")
+
+
+def read_energy_file(path):
+    """energy.jsonl or energy.parquet (pyarrow is imported only for Parquet)."""
+    if str(path).endswith(".parquet"):
+        from wattprint.profiler.core.tracefiles import read_energy_any
+
+        return read_energy_any(path)
+    from wattprint.profiler.core.records import read_energy
+
+    return read_energy(path)
+
+
+def load_steps_file(path):
+    """steps.jsonl or steps.parquet as a validated StepTrace (pyarrow is imported only for Parquet)."""
+    if str(path).endswith(".parquet"):
+        from wattprint.profiler.core.tracefiles import load_steps_any
+
+        return load_steps_any(path)
+    from wattprint.profiler.core.records import load_steps
+
+    return load_steps(path)

@@ -73,11 +73,12 @@ def run_demo(args) -> int:
     from wattprint.commands.serve import has_nvidia_gpu, server_command, server_env, stop_server
     from wattprint.exporters.prometheus import make_registry
     from wattprint.exporters.report import print_report
+    from wattprint.exporters.report_html import write_report
     from wattprint.files import atomic_write
     from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
     from wattprint.profiler.sidecar.daemon import Sidecar
-    from wattprint.profiler.sidecar.totals import add_totals
+    from wattprint.profiler.sidecar.totals import add_totals, since
     from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()
@@ -106,7 +107,7 @@ def run_demo(args) -> int:
                  "--max-num-seqs", "16", "--seed", str(args.seed), "--disable-log-stats"]
     if not gpu:
         vllm_args += ["--gpu-memory-utilization", "0.25", "--enforce-eager"]
-    results = {}
+    results, startup = {}, None
     with Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=out / "ledger.jsonl",
                  hardware=hardware, window_s=1.0) as sc:
         console.print(f"sidecar: metrics {sc.metrics_url}/metrics, meter [bold]{sc.source}[/], "
@@ -117,6 +118,7 @@ def run_demo(args) -> int:
         try:
             with console.status(f"starting the vLLM OpenAI server on port {port} (log: {log_path}) ..."):
                 _wait_health(f"http://127.0.0.1:{port}/health", proc, args.timeout_s, log_path)
+            startup = _merged(sc.snapshot().model_totals.values(), add_totals)  # server start-up, apart
             sent = _send_workload(console, port, workload(args.seed))
             with console.status("settling the last energy windows ..."):
                 deadline = time.monotonic() + 60
@@ -129,26 +131,40 @@ def run_demo(args) -> int:
             stop_server(proc)
         snap = sc.snapshot()
         exposition = _exposition(make_registry(lambda: snap))
-    totals = None
-    for t in snap.model_totals.values():
-        totals = t if totals is None else add_totals(totals, t)
+    totals = _merged(snap.model_totals.values(), add_totals)
+    if totals is not None and startup is not None:  # the workload's window; the start-up reported apart
+        console.print(f"server start-up before the workload: {startup.measured_j:,.1f} J measured "
+                      f"({startup.idle_j:,.1f} J idle), not counted below")
+        totals = since(totals, startup)
     rows = [r for r in results.values() if r is not None]
     missing = [n for n, r in results.items() if r is None or r.status != "final"]
     if totals is not None:  # the table shows the workload's names; the files keep the OpenAI ids
         named = [msgspec.structs.replace(r, id=n) for n, r in results.items() if r is not None]
         print_report(named, totals, limit=0, console=console)
     write_requests(out / "requests.jsonl", rows)
-    write_summary(out / "summary.json", totals, meter=snap.source,
+    summary = write_summary(out / "summary.json", totals, meter=snap.source,
                   hardware=load_profile(hardware).name if hardware else None, model=SERVED_NAME,
                   model_dir=str(model_dir), model_config=str((model_dir / "config.json").resolve()),
                   requests_sent=len(results), requests_final=len(results) - len(missing),
-                  device_names=snap.device_names)
+                  device_names=snap.device_names,
+                  startup={"measured_j": startup.measured_j, "idle_j": startup.idle_j} if startup else None)
     atomic_write(out / "metrics.prom", exposition)
+    report = write_report(out / "report.html", requests=rows, summary=summary, notes=[
+        "attributed online by the sidecar; per-step figures need a recorded trace (wattprint profile)"])
     console.print(f"files in {out}/: requests.jsonl summary.json metrics.prom ledger.jsonl vllm-server.log")
+    console.print(f"report: {report}")
     if missing:
         console.print(f"[red]{len(missing)} request(s) have no final energy record: {', '.join(missing)}")
         return 1
     return 0
+
+
+def _merged(totals, add):
+    """The sum of several models' totals (None when there are none)."""
+    out = None
+    for t in totals:
+        out = t if out is None else add(out, t)
+    return out
 
 
 def _exposition(registry) -> bytes:

@@ -75,6 +75,7 @@ def run_profile(args) -> int:
     from wattprint.commands.serve import has_nvidia_gpu
     from wattprint.commands.sidecar import close_meter
     from wattprint.exporters.report import print_report, source_note
+    from wattprint.exporters.report_html import write_report
     from wattprint.files import atomic_write
     from wattprint.profiler.attribution.offline import attribute
     from wattprint.profiler.core.costmodel import geometry_from_config
@@ -134,13 +135,16 @@ def run_profile(args) -> int:
         console.print(f"[yellow]warning: output tokens of {len(mismatched)} request(s) differ from vLLM's count")
     check_conservation(result.totals, result.requests)  # a violation writes no results (the trace stays)
     write_requests(out / "requests.jsonl", result.requests)
-    write_summary(out / "summary.json", result.totals, model=model_name,
+    summary = write_summary(out / "summary.json", result.totals, model=model_name,
                   model_config=str((model_dir / "config.json").resolve()), model_geometry=geometry.to_dict(),
                   hardware=hw.name, meter=meter.source, prompts=len(prompts))
     atomic_write(out / "metrics.prom", render_offline_exposition(result.totals, result.requests, model_name,
                                                                  device_names=sc.device_names))
+    report = write_report(out / "report.html", requests=result.requests, summary=summary, steps=steps,
+                          attribution=result)
     print_report(result.requests, result.totals, limit=20)
-    console.print(f"wrote {out}/requests.jsonl steps.jsonl energy.jsonl summary.json metrics.prom")
+    console.print(f"wrote {out}/requests.jsonl steps.jsonl energy.jsonl summary.json metrics.prom report.html")
+    console.print(f"report: {report}")
     return 0
 
 

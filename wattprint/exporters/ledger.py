@@ -74,6 +74,7 @@ def result_line(result: RequestResult, *, model: str | None = None, source: str 
     if source is not None and not data.get("source"):
         data["source"] = source
     data["j_per_output_token"] = result.j_per_output_token
+    data["logged_unix_s"] = time.time()  # wall-clock date of the line (step times are monotonic)
     return _encoder.encode(data) + b"\n"
 
 

@@ -137,10 +137,13 @@ def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: S
 
 def attribute_file(steps_path, samples: Sequence[EnergySample], g: ModelGeometry, hw: HardwareProfile,
                    **kw) -> Attribution:
-    """:func:`attribute` on a ``steps.jsonl`` read a chunk at a time: memory grows by about 20 bytes
-    per request-step entry (compact columns), not by the parsed records."""
+    """:func:`attribute` on a ``steps.jsonl`` (or ``.parquet``) read a chunk at a time: memory grows by
+    about 20 bytes per request-step entry (compact columns), not by the parsed records."""
+    from wattprint.profiler.core.tracefiles import iter_step_chunks_any  # pyarrow: only for Parquet files
+
     trace = CompactTrace(g)
-    for steps, entries in iter_step_chunks(steps_path):
+    for steps, entries in (iter_step_chunks_any(steps_path) if str(steps_path).endswith(".parquet")
+                           else iter_step_chunks(steps_path)):
         trace.add(steps, entries)
     return attribute(trace, samples, g, hw, **kw)
 

@@ -73,7 +73,7 @@ def encode_line(obj) -> bytes:
     return _encoder.encode(obj) + b"\n"
 
 
-def _read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -106,7 +106,7 @@ def gc_paused():
             gc.enable()
 
 
-def _decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str) -> list:
+def decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str) -> list:
     try:
         with gc_paused():
             return decoder.decode_lines(data)
@@ -205,8 +205,8 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
 
 def load_steps(path: str | Path) -> StepTrace:
     """Parse and validate ``steps.jsonl``, keeping the entries as columns for the attribution."""
-    data = _read_bytes(path)
-    steps = _decode_lines(data, _step_decoder, str(path))
+    data = read_bytes(path)
+    steps = decode_lines(data, _step_decoder, str(path))
     entries = validate_steps(steps, str(path), data)
     return StepTrace(steps, entries, str(path), data)
 
@@ -229,7 +229,7 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
                 cut = data.rfind(b"\n") + 1
                 data, rest = data[:cut], data[cut:]
             try:
-                steps = _decode_lines(data, _step_decoder, path_s) if data else []
+                steps = decode_lines(data, _step_decoder, path_s) if data else []
                 entries = validate_steps(steps, path_s, data, prev=prev) if steps else None
             except InputError as exc:  # name the file's line: count the lines before this chunk
                 if exc.line is None:
@@ -258,8 +258,8 @@ def read_steps(path: str | Path) -> list[StepRecord]:
 
 def read_energy(path: str | Path) -> list[EnergySample]:
     """Parse and validate ``energy.jsonl``."""
-    data = _read_bytes(path)
-    samples = _decode_lines(data, _energy_decoder, str(path))
+    data = read_bytes(path)
+    samples = decode_lines(data, _energy_decoder, str(path))
     lines = None
     last_t: dict[int, float] = {}
     for i, s in enumerate(samples):

@@ -191,6 +191,7 @@ class Receiver:
         self.address = address
         self.ctx = zmq.Context()
         self.messages: list = []
+        self.engine_ids: set[str] = set()  # the ids as the hook sent them
         self.lock = threading.Lock()
         self.sock = None
         self.thread = None
@@ -216,6 +217,13 @@ class Receiver:
         while not self.stop.is_set():
             if sock.poll(50):
                 msg = transport.decode(sock.recv())
+                if isinstance(msg, transport.Steps):
+                    # the hook names requests by the engine's own id (vLLM >= 0.11 appends "-<8 hex>" to the
+                    # caller's): compare with LLM.generate's request_id without that suffix
+                    for r in msg.records:
+                        for e in r.requests:
+                            self.engine_ids.add(e.id)
+                            e.id = strip_random_suffix(e.id)
                 with self.lock:
                     self.messages.append(msg)
 
@@ -428,7 +436,9 @@ def test_chat_template_and_request_ids(engine):
                    SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
     assert rx.wait_finished([out.request_id])
-    # The ids are the ones vLLM gives back to its caller (the internal random suffix is gone).
+    # The hook sends the engine's own ids (no client controls them): the caller's id plus vLLM's random
+    # suffix; without the suffix they are the ids vLLM gives back to its caller.
+    assert any(strip_random_suffix(i) != i and strip_random_suffix(i) == out.request_id for i in rx.engine_ids)
     seen = {e.id for r in rx.records() for e in r.requests}
     assert out.request_id in seen
     assert all("-" not in i for i in seen)  # LLM ids are counters; internal ids are "<id>-<8 hex>"

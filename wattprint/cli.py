@@ -17,21 +17,24 @@ import sys
 from wattprint import __version__
 from wattprint.errors import ConservationError, WattprintError
 
+#: subcommand, then its help; the module is wattprint.commands.<subcommand with "_" for "-">
+_TABLE = """
+attribute     attribute measured energy of a recorded trace to requests
+simulate      generate a trace on the simulated GPU twin (with ground truth)
+demo          the main job: serve a tiny model with vLLM and attribute a mixed workload
+demo-offline  simulate a trace on the GPU twin and attribute it (no vLLM)
+sidecar       receive engine steps, attribute energy online, serve /metrics
+serve         the sidecar and vLLM's OpenAI server in one command: serve [options] -- ARGS
+profile       run prompts through vLLM offline and attribute their energy
+calibrate     measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)
+tiny-model    write a small random-weight Llama and a tokenizer (no downloads)
+report        one self-contained HTML report of a run (plots, sources named)
+convert       convert steps, energy, requests or a ledger between JSON lines and Parquet
+ledger        ledger tools: compact a ledger into Parquet partitioned by day
+"""
 #: subcommand -> (module under wattprint.commands, help)
-COMMANDS = {
-    "attribute": ("attribute", "attribute measured energy of a recorded trace to requests"),
-    "simulate": ("simulate", "generate a trace on the simulated GPU twin (with ground truth)"),
-    "demo": ("demo", "the main job: serve a tiny model with vLLM and attribute a mixed workload"),
-    "demo-offline": ("demo_offline", "simulate a trace on the GPU twin and attribute it (no vLLM)"),
-    "sidecar": ("sidecar", "receive engine steps, attribute energy online, serve /metrics"),
-    "serve": ("serve", "the sidecar and vLLM's OpenAI server in one command: serve [options] -- ARGS"),
-    "profile": ("profile", "run prompts through vLLM offline and attribute their energy"),
-    "calibrate": ("calibrate", "measure a GPU's energy per FLOP, per byte and per KV byte (Triton kernels)"),
-    "tiny-model": ("tiny_model", "write a small random-weight Llama and a tokenizer (no downloads)"),
-    "report": ("report", "one self-contained HTML report of a run (plots, sources named)"),
-    "convert": ("convert", "convert steps, energy, requests or a ledger between JSON lines and Parquet"),
-    "ledger": ("ledger", "ledger tools: compact a ledger into Parquet partitioned by day"),
-}
+COMMANDS = {name: (name.replace("-", "_"), help_text.strip())
+            for name, _, help_text in (line.partition(" ") for line in _TABLE.strip().splitlines())}
 
 
 def _module(name: str):

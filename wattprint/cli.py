@@ -31,6 +31,7 @@ tiny-model    write a small random-weight Llama and a tokenizer (no downloads)
 report        one self-contained HTML report of a run (plots, sources named)
 convert       convert steps, energy, requests or a ledger between JSON lines and Parquet
 ledger        ledger tools: compact a ledger into Parquet partitioned by day
+policy        audit a ledger against an access policy: energy, classes and decisions by stratum
 """
 #: subcommand -> (module under wattprint.commands, help)
 COMMANDS = {name: (name.replace("-", "_"), help_text.strip())

@@ -84,6 +84,7 @@ def run_profile(args) -> int:
     from wattprint.profiler.sidecar.daemon import Sidecar
     from wattprint.profiler.sidecar.recorder import TraceRecorder
     from wattprint.profiler.transport import messages as transport
+    from wattprint.profiler.vllm.ids import strip_random_suffix
     from wattprint.profiler.vllm.offline import generate
 
     console = Console(stderr=True)
@@ -119,8 +120,14 @@ def run_profile(args) -> int:
             os.environ.pop(transport.ENV_SIDECAR, None)
         else:
             os.environ[transport.ENV_SIDECAR] = old_env
-    prompt_ids = {g.request_id: g.prompt_id for g in gens}  # the trace names requests as prompts.jsonl does
-    steps = [msgspec.structs.replace(s, requests=[msgspec.structs.replace(r, id=prompt_ids.get(r.id, r.id))
+    # the trace names requests as prompts.jsonl does (the hook sends the engine's ids: LLM.generate's
+    # request_id plus vLLM's random suffix on vLLM >= 0.11)
+    prompt_ids = {g.request_id: g.prompt_id for g in gens}
+
+    def named(rid: str) -> str:
+        return prompt_ids.get(rid) or prompt_ids.get(strip_random_suffix(rid), rid)
+
+    steps = [msgspec.structs.replace(s, requests=[msgspec.structs.replace(r, id=named(r.id))
                                                   for r in s.requests]) for s in recorder.steps()]
     # from 2 s before the first step: the engine's start-up is not part of the workload
     samples = [EnergySample(r.t_s, d, e, meter.source) for r in recorder.readings() for d, e in enumerate(r.energy_j)]

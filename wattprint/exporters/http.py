@@ -28,6 +28,23 @@ carried by the engine hook's records; the energy URL is
 requests with the same ``X-Request-Id`` get different URLs, each leading to its own record; without
 a key no energy URL is named (the response id header is still added).
 
+Energy in the answer (:mod:`wattprint.exporters.answer_send`): a non-streaming completion gets the
+request's figure as ``X-Wattprint-Energy-J``, ``-Prefill-J``, ``-Decode-J``, ``-KV-J``,
+``X-Wattprint-Energy-Status`` (``provisional`` | ``final`` | ``unavailable``), ``X-Wattprint-Source``,
+``X-Wattprint-Class`` and as ``usage.energy`` in the body; a stream carries it in its usage chunk, or as
+``: energy {...}`` before ``data: [DONE]``. The figure is the sidecar's record at answer time, looked up
+at ``WATTPRINT_SIDECAR_URL`` (default: the energy URL's base) off the event loop with a short timeout
+(:mod:`wattprint.exporters.energy_client`; ``WATTPRINT_ENERGY_TIMEOUT_MS``, default 50, and
+``WATTPRINT_ENERGY_WAIT_MS``, default 0: how long to wait for the request's last steps to reach the
+sidecar). A sidecar that is down or slow makes the status ``unavailable`` and changes nothing else.
+``WATTPRINT_ANSWER_ENERGY=0`` turns this off.
+
+Access policy (:mod:`wattprint.exporters.policy_gate`, installed by ``wattprint serve --policy FILE``
+through ``WATTPRINT_POLICY``): the request's stratum (its ``vllm_xargs.stratum``, else the
+``X-Wattprint-Stratum`` header) is checked against its API key and written into the body; a request of a
+stratum over its conditions is answered 429 with ``Retry-After`` before the engine sees it (``reject``),
+flagged ``X-Wattprint-Policy: breach`` (``observe``) or given a worse ``priority`` (``deprioritize``).
+
 It never breaks a request: any exception of its own leaves the request and response untouched
 (a body it had already read is replayed as it was), exceptions of the application propagate as they
 are, and responses (streaming included) pass through message by message, only the start message
@@ -41,6 +58,10 @@ import logging
 import os
 import uuid
 
+from wattprint.exporters import answer
+from wattprint.exporters.answer_send import energy_send
+from wattprint.exporters.energy_client import ENV_TIMEOUT_MS, ENV_WAIT_MS, EnergyLookup
+from wattprint.exporters.policy_gate import PolicyGate, Verdict
 from wattprint.profiler.sidecar import access
 from wattprint.profiler.transport.messages import ENV_SIDECAR, address, runtime_dir
 from wattprint.profiler.vllm.ids import RESPONSE_ID_PREFIXES
@@ -48,6 +69,8 @@ from wattprint.profiler.vllm.ids import RESPONSE_ID_PREFIXES
 log = logging.getLogger(__name__)
 
 ENV_ENERGY_URL = "WATTPRINT_ENERGY_URL"
+ENV_SIDECAR_URL = "WATTPRINT_SIDECAR_URL"
+ENV_ANSWER_ENERGY = "WATTPRINT_ANSWER_ENERGY"
 DEFAULT_ENERGY_URL = "http://127.0.0.1:9464"
 HEADER_REQUEST_ID = b"x-wattprint-request-id"
 HEADER_ENERGY_URL = b"x-wattprint-energy-url"
@@ -83,11 +106,13 @@ class WattprintMiddleware:
     """Pure ASGI middleware: energy headers and ``X-Wattprint-Stratum`` -> ``vllm_xargs.stratum``."""
 
     def __init__(self, app, energy_base_url: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                 url_key: bytes | None = None):
+                 url_key: bytes | None = None, gate: PolicyGate | None = None, lookup: EnergyLookup | None = None):
         self.app = app
         self.energy_base_url = (energy_base_url or os.environ.get(ENV_ENERGY_URL) or DEFAULT_ENERGY_URL).rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.url_key = url_key if url_key is not None else _key_from_environment()
+        self.gate = gate if gate is not None else PolicyGate.from_env()  # a bad policy file stops the server
+        self.lookup = lookup if lookup is not None else _lookup_from_environment(self.energy_base_url)
 
     async def __call__(self, scope, receive, send):
         try:
@@ -99,8 +124,12 @@ class WattprintMiddleware:
             return
         consumed: list = []
         try:
-            scope2, receive2, (response_id, ref) = await self._prepare(scope, receive, consumed, prefix)
-            send2 = self._wrap_send(send, response_id, ref)
+            scope2, receive2, (response_id, ref, verdict) = await self._prepare(scope, receive, consumed, prefix)
+            if verdict is not None and not verdict.decision.admitted:
+                for message in self.gate.rejection(verdict):  # 429 before the engine sees the request
+                    await send(message)
+                return
+            send2 = self._wrap_send(send, response_id, ref, verdict)
         except Exception as exc:  # noqa: BLE001 - ours (including _PassThrough): untouched
             if not isinstance(exc, _PassThrough):
                 log.debug("wattprint middleware: passing a request through untouched", exc_info=True)
@@ -132,8 +161,7 @@ class WattprintMiddleware:
             if not message.get("more_body", False):
                 break
 
-        new_body = None
-        data = None
+        dirty = False  # the body is re-encoded once, whatever changed
         try:
             data = json.loads(bytes(body))
         except ValueError:
@@ -148,20 +176,27 @@ class WattprintMiddleware:
             headers.append((b"x-request-id", base.encode("latin-1")))
 
         stratum = _header(headers, HEADER_STRATUM)
-        if stratum is not None and isinstance(data, dict):
+        xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
+        usable = isinstance(data, dict) and (xargs is None or isinstance(xargs, dict))
+        verdict = None
+        if self.gate is not None and usable:
+            claim = xargs["stratum"] if xargs is not None and "stratum" in xargs else stratum
+            verdict = self.gate.admit(_header(headers, b"authorization"), claim)
+            self.gate.rewrite(data, verdict)
+            dirty = True
+        elif stratum is not None and usable:
             value = stratum.decode("latin-1").strip()
-            xargs = data.get("vllm_xargs")
-            if value and (xargs is None or (isinstance(xargs, dict) and "stratum" not in xargs)):
+            if value and (xargs is None or "stratum" not in xargs):
                 data["vllm_xargs"] = {**(xargs or {}), "stratum": value}
-                new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                dirty = True
 
         ref = None
-        if isinstance(data, dict) and self.url_key is not None and isinstance(data.get("vllm_xargs") or {}, dict):
+        if usable and self.url_key is not None:
             ref = access.new_ref()
-            xargs = data.get("vllm_xargs")
-            data["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), access.REF_ARG: ref}
-            new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), access.REF_ARG: ref}
+            dirty = True
 
+        new_body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") if dirty else None
         if new_body is not None:
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(new_body)).encode()))
@@ -173,29 +208,65 @@ class WattprintMiddleware:
         response_id = f"{prefix}{base}"
         if len(response_id) > _MAX_ID_CHARS or not (response_id.isascii() and response_id.isprintable()):
             response_id = None
-        return scope2, _replaying_receive(messages, receive), (response_id, ref)
+        return scope2, _replaying_receive(messages, receive), (response_id, ref, verdict)
 
     # -------------------------------------------------------------------------------------- response
-    def _wrap_send(self, send, response_id: str | None, ref: str | None = None):
+    def _wrap_send(self, send, response_id: str | None, ref: str | None = None, verdict: Verdict | None = None):
         if response_id is None:
             return send
         extra = [(HEADER_REQUEST_ID, response_id.encode("latin-1"))]
+        url = None
         if ref is not None:
             url = access.energy_url(self.energy_base_url, self.url_key, response_id, ref)
             extra.append((HEADER_ENERGY_URL, url.encode("latin-1")))
+        if verdict is not None:
+            extra += verdict.headers()
+        if self.lookup is None:
+            return _with_headers(send, extra)
+        path = access.energy_url("", self.url_key, response_id, ref) if ref is not None else None
+        lookup = self.lookup
 
-        async def send_with_headers(message):
-            if message.get("type") == "http.response.start":
-                try:
-                    status = int(message.get("status", 0))
-                    if 200 <= status < 300:
-                        message = dict(message)
-                        message["headers"] = list(message.get("headers") or []) + extra
-                except Exception:  # noqa: BLE001 - ours: send the original
-                    log.debug("wattprint middleware: could not add headers", exc_info=True)
-            await send(message)
+        gate = self.gate
 
-        return send_with_headers
+        async def fetch(output_tokens: int | None) -> dict:
+            record = await lookup.record(path, output_tokens) if path is not None else None
+            energy = answer.energy_of(record, url)
+            if verdict is not None:  # the answer's joules (and its work's ideal, for min_class) to its stratum
+                gate.charge(verdict.stratum, energy, record.get("ideal_j") if isinstance(record, dict) else None)
+            return energy
+
+        return energy_send(send, headers=extra, fetch=fetch, max_body_bytes=self.max_body_bytes)
+
+
+def _with_headers(send, extra: list):
+    """``send`` with ``extra`` headers on a 2xx start message."""
+
+    async def send_with_headers(message):
+        if message.get("type") == "http.response.start":
+            try:
+                status = int(message.get("status", 0))
+                if 200 <= status < 300:
+                    message = dict(message)
+                    message["headers"] = list(message.get("headers") or []) + extra
+            except Exception:  # noqa: BLE001 - ours: send the original
+                log.debug("wattprint middleware: could not add headers", exc_info=True)
+        await send(message)
+
+    return send_with_headers
+
+
+def _lookup_from_environment(energy_base_url: str) -> EnergyLookup | None:
+    """The sidecar lookup for energy in the answer (None when ``WATTPRINT_ANSWER_ENERGY=0``)."""
+    if os.environ.get(ENV_ANSWER_ENERGY, "1") == "0":
+        return None
+    try:
+        timeout_s = float(os.environ.get(ENV_TIMEOUT_MS, "50")) / 1000
+        wait_s = float(os.environ.get(ENV_WAIT_MS, "0")) / 1000
+        return EnergyLookup(os.environ.get(ENV_SIDECAR_URL) or energy_base_url, timeout_s=timeout_s, wait_s=wait_s)
+    except ValueError:
+        log.warning("wattprint middleware: bad %s/%s/%s: no energy in answers", ENV_SIDECAR_URL, ENV_TIMEOUT_MS,
+                    ENV_WAIT_MS, exc_info=True)
+        return None
 
 
 def _key_from_environment() -> bytes | None:

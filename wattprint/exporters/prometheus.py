@@ -304,8 +304,10 @@ class WattprintCollector:
         return out
 
 
-def make_registry(snapshot_fn: Callable[[], MetricsSnapshot]) -> CollectorRegistry:
-    """A registry holding only the wattprint collector (no process or platform collectors)."""
+def make_registry(snapshot_fn: Callable[[], MetricsSnapshot], collectors=()) -> CollectorRegistry:
+    """A registry holding the wattprint collector and ``collectors`` (no process or platform collectors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WattprintCollector(snapshot_fn))
+    for collector in collectors:
+        registry.register(collector)
     return registry

@@ -79,8 +79,10 @@ class Sidecar(Views):
                  operator_token: str | None = None, models: tuple[str, ...] | None = None, max_models: int = 16,
                  max_sessions: int = 64, clock: Callable[[], float] = time.monotonic,
                  exit_check_s: float | None = 5.0, recorder=None,
-                 attributor_factory: Callable | None = None, timeline_factory: Callable | None = None):
+                 attributor_factory: Callable | None = None, timeline_factory: Callable | None = None,
+                 collectors=()):
         self.meter = meter
+        self.collectors = list(collectors)  # more metric families for /metrics (e.g. the access policy's)
         self.ledger_mode = ledger_mode
         self.exit_check_s = exit_check_s  # how often sessions of exited engines are retired (None: never)
         self.metrics_host = metrics_host
@@ -173,8 +175,8 @@ class Sidecar(Views):
 
     def _serve(self, port: int) -> None:
         requests_fn = RequestAccess(self.url_key, self.operator_token, self.lookup_ref, self.lookup)
-        self.app = app = make_app(make_registry(self.snapshot), self.lookup, self.health, requests_fn=requests_fn,
-                                  openapi=OPENAPI)
+        self.app = app = make_app(make_registry(self.snapshot, self.collectors), self.lookup, self.health,
+                                  requests_fn=requests_fn, openapi=OPENAPI)
         try:
             server = MetricsServer(app, self.metrics_host, port)
         except OSError as exc:

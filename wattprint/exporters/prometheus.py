@@ -32,7 +32,7 @@ from prometheus_client.core import (
 from wattprint.exporters.histograms import HistogramState
 from wattprint.profiler.core.results import Totals
 from wattprint.profiler.core.strata import normalize
-from wattprint.profiler.meters.base import is_measured
+from wattprint.profiler.meters.base import source_kind
 
 #: Reasons of ``wattprint_dropped_records_total`` always exported (0 until it happens).
 DROP_REASONS = ("queue_full", "hook_queue_full", "decode_error", "invalid", "no_hello", "unsupported_model",
@@ -65,11 +65,10 @@ class MetricsSnapshot:
 
 def source_note(source: str) -> str:
     """How the joules were obtained, for HELP texts."""
-    if is_measured(source):
+    kind = source_kind(source)
+    if kind == "measured":
         return f"source: {source}; measured by a hardware energy counter"
-    if source.startswith("simulated") or source.endswith(":simulated"):
-        return f"source: {source}; simulated, not a measurement"
-    return f"source: {source}; estimated, not a measurement"
+    return f"source: {source}; {kind}, not a measurement"
 
 
 def _labelled(family, values: dict):

@@ -8,17 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 from wattprint.profiler.core.results import RequestResult, Totals
-from wattprint.profiler.meters.base import is_measured
+from wattprint.profiler.meters.base import source_kind
 
 
 def source_note(source: str) -> str:
-    if is_measured(source):
-        return f"measured ({source})"
-    if "simulated" in source:
-        return f"SIMULATED ({source}): not a measurement"
-    if "estimate" in source:
-        return f"ESTIMATED ({source}): not a measurement"
-    return source
+    kind = source_kind(source)
+    return f"measured ({source})" if kind == "measured" else f"{kind.upper()} ({source}): not a measurement"
 
 
 def request_table(results: Sequence[RequestResult], *, limit: int = 25, title: str | None = None) -> Table:

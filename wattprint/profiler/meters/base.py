@@ -60,3 +60,12 @@ def is_measured(source: str) -> bool:
     """True for joules read from a hardware counter, False for estimates and simulations."""
     base = source.split(":", 1)[-1] if source.startswith("replay:") else source
     return base in MEASURED_SOURCES
+
+
+def source_kind(source: str) -> str:
+    """``measured``, ``simulated`` or ``estimated``: how a source's joules were obtained (anything not
+    read from a hardware counter nor simulated counts as estimated, never as measured)."""
+    if is_measured(source):
+        return "measured"
+    base = source.split(":", 1)[-1] if source.startswith("replay:") else source
+    return "simulated" if base.startswith("simulated") else "estimated"

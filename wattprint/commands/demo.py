@@ -78,7 +78,7 @@ def run_demo(args) -> int:
     from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
     from wattprint.profiler.sidecar.daemon import Sidecar
-    from wattprint.profiler.sidecar.totals import add_totals, since
+    from wattprint.profiler.sidecar.totals import add_totals
     from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()
@@ -107,7 +107,7 @@ def run_demo(args) -> int:
                  "--max-num-seqs", "16", "--seed", str(args.seed), "--disable-log-stats"]
     if not gpu:
         vllm_args += ["--gpu-memory-utilization", "0.25", "--enforce-eager"]
-    results, startup = {}, None
+    results = {}
     with Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=out / "ledger.jsonl",
                  hardware=hardware, window_s=1.0) as sc:
         console.print(f"sidecar: metrics {sc.metrics_url}/metrics, meter [bold]{sc.source}[/], "
@@ -118,7 +118,6 @@ def run_demo(args) -> int:
         try:
             with console.status(f"starting the vLLM OpenAI server on port {port} (log: {log_path}) ..."):
                 _wait_health(f"http://127.0.0.1:{port}/health", proc, args.timeout_s, log_path)
-            startup = _merged(sc.snapshot().model_totals.values(), add_totals)  # server start-up, apart
             sent = _send_workload(console, port, workload(args.seed))
             with console.status("settling the last energy windows ..."):
                 deadline = time.monotonic() + 60
@@ -132,10 +131,6 @@ def run_demo(args) -> int:
         snap = sc.snapshot()
         exposition = _exposition(make_registry(lambda: snap))
     totals = _merged(snap.model_totals.values(), add_totals)
-    if totals is not None and startup is not None:  # the workload's window; the start-up reported apart
-        console.print(f"server start-up before the workload: {startup.measured_j:,.1f} J measured "
-                      f"({startup.idle_j:,.1f} J idle), not counted below")
-        totals = since(totals, startup)
     rows = [r for r in results.values() if r is not None]
     missing = [n for n, r in results.items() if r is None or r.status != "final"]
     if totals is not None:  # the table shows the workload's names; the files keep the OpenAI ids
@@ -146,8 +141,7 @@ def run_demo(args) -> int:
                   hardware=load_profile(hardware).name if hardware else None, model=SERVED_NAME,
                   model_dir=str(model_dir), model_config=str((model_dir / "config.json").resolve()),
                   requests_sent=len(results), requests_final=len(results) - len(missing),
-                  device_names=snap.device_names,
-                  startup={"measured_j": startup.measured_j, "idle_j": startup.idle_j} if startup else None)
+                  device_names=snap.device_names)
     atomic_write(out / "metrics.prom", exposition)
     report = write_report(out / "report.html", requests=rows, summary=summary, notes=[
         "attributed online by the sidecar; per-step figures need a recorded trace (wattprint profile)"])

@@ -58,26 +58,6 @@ def add_totals(a: Totals, b: Totals) -> Totals:
     )
 
 
-def since(after: Totals, before: Totals) -> Totals:
-    """The totals accumulated between two snapshots of the same cumulative totals (``after - before``),
-    spanning from ``before``'s settled end."""
-    import msgspec
-
-    def neg(v):
-        if isinstance(v, dict):
-            return {k: neg(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [neg(x) for x in v]
-        return -v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-
-    data = msgspec.structs.asdict(before)
-    minus = Totals(**{k: (v if k in ("source", "t_start", "t_end", "coefficients") else neg(v))
-                      for k, v in data.items()})
-    out = add_totals(after, minus)
-    out.t_start, out.t_end = before.t_end, after.t_end
-    return out
-
-
 def on_devices(t: Totals, devices: tuple[int, ...], n_devices: int) -> Totals:
     """``t`` with its per-device joules moved from the attributor's device order to the meter's indices."""
     if list(devices) == list(range(len(t.device_measured_j))) and len(devices) == n_devices:

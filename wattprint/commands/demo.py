@@ -2,13 +2,17 @@
 
 Builds the tiny model if absent, serves it with vLLM and the sidecar (the best meter available: NVML
 with a GPU, else the simulated twin - said loudly), sends a mixed workload through the OpenAI API
-(short and long prompts, every stratum), prints a per-request table and totals, and leaves
-``requests.jsonl``, ``summary.json`` and ``metrics.prom`` in the output directory.
+(short and long prompts, every stratum) with a small access policy at work
+(``configs/policy-demo.yaml``: the agentic stratum's budget runs out and its later requests get 429),
+prints a per-request table, the totals and the policy's table by stratum and class, and leaves
+``requests.jsonl``, ``summary.json``, ``metrics.prom``, ``ledger.jsonl`` and ``report.html`` in the
+output directory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -16,10 +20,13 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 from wattprint.commands.common import METER_CHOICES
 
 SERVED_NAME = "wattprint-tiny-llama"
+POLICY_FILE = "policy-demo.yaml"  # in configs/
+REFUSED = "refused"
 WORDS = ("energy joules prefill decode cache tokens power watts model request server batch step kernel "
          "memory bandwidth compute science health agent").split()
 
@@ -70,11 +77,13 @@ def run_demo(args) -> int:
     from rich.panel import Panel
 
     from wattprint.commands.output import write_requests, write_summary
-    from wattprint.commands.serve import has_nvidia_gpu, server_command, server_env, stop_server
+    from wattprint.commands.serve import has_nvidia_gpu, policy_env, server_command, server_env, stop_server
+    from wattprint.configs import config_dir
+    from wattprint.exporters.policy_metrics import PolicyCollector
     from wattprint.exporters.prometheus import make_registry
     from wattprint.exporters.report import print_report
     from wattprint.exporters.report_html import write_report
-    from wattprint.files import atomic_write
+    from wattprint.files import atomic_write, open_private, private_dir
     from wattprint.profiler.core.hardware import load_profile
     from wattprint.profiler.meters.auto import open_meter
     from wattprint.profiler.sidecar.daemon import Sidecar
@@ -82,8 +91,7 @@ def run_demo(args) -> int:
     from wattprint.profiler.twin.tinymodel import is_complete, write_tiny_model
 
     console = Console()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(args.out)
     console.rule("[bold]wattprint demo")
     model_dir = Path(args.model) if args.model else out / "tiny-model"
     if not is_complete(model_dir):
@@ -108,17 +116,23 @@ def run_demo(args) -> int:
     if not gpu:
         vllm_args += ["--gpu-memory-utilization", "0.25", "--enforce-eager"]
     results = {}
-    with Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=out / "ledger.jsonl",
-                 hardware=hardware, window_s=1.0) as sc:
+    policy_path = config_dir() / POLICY_FILE
+    stats_dir = tempfile.mkdtemp(prefix="wattprint-policy-")  # 0700: the middleware's decision counts
+    policy_settings = SimpleNamespace(policy=str(policy_path), energy_wait_ms=100.0, energy_timeout_ms=200.0)
+    sc = Sidecar(meter, socket_path=sock, metrics_port=0, ledger_path=out / "ledger.jsonl", hardware=hardware,
+                 window_s=1.0, collectors=[PolicyCollector(stats_dir)])
+    with sc:
         console.print(f"sidecar: metrics {sc.metrics_url}/metrics, meter [bold]{sc.source}[/], "
-                      f"hardware profile {sc.profile.name}")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(server_command(vllm_args), env=server_env(sc), stdout=log,
-                                    stderr=subprocess.STDOUT)
+                      f"hardware profile {sc.profile.name}, policy {policy_path}")
+        env = {**server_env(sc), **policy_env(policy_settings, vllm_args, stats_dir)}
+        with open_private(log_path) as log:
+            proc = subprocess.Popen(server_command(vllm_args), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             with console.status(f"starting the vLLM OpenAI server on port {port} (log: {log_path}) ..."):
                 _wait_health(f"http://127.0.0.1:{port}/health", proc, args.timeout_s, log_path)
-            sent = _send_workload(console, port, workload(args.seed))
+            everything = _send_workload(console, port, workload(args.seed))
+            sent = {n: v for n, v in everything.items() if v[0] != REFUSED}
+            refused = {n: v[1] for n, v in everything.items() if v[0] == REFUSED}
             with console.status("settling the last energy windows ..."):
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
@@ -128,8 +142,10 @@ def run_demo(args) -> int:
                     time.sleep(0.25)
         finally:
             stop_server(proc)
+            time.sleep(1.2)  # the middleware's last decision counts (written once a second) reach /metrics
         snap = sc.snapshot()
-        exposition = _exposition(make_registry(lambda: snap))
+        exposition = _exposition(make_registry(lambda: snap, sc.collectors))
+    shutil.rmtree(stats_dir, ignore_errors=True)
     totals = _merged(snap.model_totals.values(), add_totals)
     rows = [r for r in results.values() if r is not None]
     missing = [n for n, r in results.items() if r is None or r.status != "final"]
@@ -145,12 +161,31 @@ def run_demo(args) -> int:
     atomic_write(out / "metrics.prom", exposition)
     report = write_report(out / "report.html", requests=rows, summary=summary, notes=[
         "attributed online by the sidecar; per-step figures need a recorded trace (wattprint profile)"])
+    _print_policy(console, policy_path, out / "ledger.jsonl", refused)
     console.print(f"files in {out}/: requests.jsonl summary.json metrics.prom ledger.jsonl vllm-server.log")
     console.print(f"report: {report}")
     if missing:
         console.print(f"[red]{len(missing)} request(s) have no final energy record: {', '.join(missing)}")
         return 1
     return 0
+
+
+def _print_policy(console, policy_path: Path, ledger: Path, refused: dict[str, str | None]) -> None:
+    """What the policy did live (the requests the middleware refused with 429) and its audit of the
+    ledger: energy, classes and decisions by stratum, and when budgets ran out."""
+    from wattprint.commands.policy import print_audit
+    from wattprint.profiler.policy.audit import audit, read_ledger_records
+    from wattprint.profiler.policy.config import load_policy
+
+    console.rule("[bold]access policy")
+    for name, retry_after in sorted(refused.items()):
+        console.print(f"refused by the policy (429, Retry-After {retry_after or '?'} s): {name}")
+    if not refused:
+        console.print("no request was refused (the agentic stratum's first answer had not spent its budget yet)")
+    policy = load_policy(policy_path)
+    contents = read_ledger_records(ledger)
+    result = audit(contents.records, policy, torn_bytes=contents.torn_bytes)
+    print_audit(result, policy, str(ledger), str(policy_path), console=console)
 
 
 def _merged(totals, add):
@@ -167,9 +202,10 @@ def _exposition(registry) -> bytes:
     return generate_latest(registry)
 
 
-def _send_workload(console, port: int, items) -> dict[str, tuple[str, int]]:
-    """Send the requests (4 at a time) through the OpenAI client; returns name -> (response id, tokens)."""
-    from openai import OpenAI
+def _send_workload(console, port: int, items) -> dict[str, tuple[str, object]]:
+    """Send the requests (4 at a time) through the OpenAI client; returns name -> (response id, tokens),
+    or (REFUSED, Retry-After) for a request the access policy refused."""
+    from openai import OpenAI, RateLimitError
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -188,8 +224,12 @@ def _send_workload(console, port: int, items) -> dict[str, tuple[str, int]]:
             extra_body["vllm_xargs"] = {"stratum": stratum}
         elif stratum:
             headers["X-Wattprint-Stratum"] = stratum
-        r = client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
-                                      extra_body=extra_body or None, extra_headers=headers or None)
+        try:
+            r = client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens,
+                                          temperature=0.8, extra_body=extra_body or None,
+                                          extra_headers=headers or None)
+        except RateLimitError as exc:
+            return name, (REFUSED, exc.response.headers.get("retry-after"))
         return name, (r.id, r.usage.completion_tokens if r.usage else 0)
 
     sent = {}

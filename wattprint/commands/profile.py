@@ -17,6 +17,7 @@ import msgspec
 
 from wattprint.commands.common import METER_CHOICES
 from wattprint.errors import InputError
+from wattprint.files import private_dir
 
 
 class PromptSpec(msgspec.Struct, forbid_unknown_fields=False):
@@ -91,8 +92,7 @@ def run_profile(args) -> int:
     prompts = read_prompts(args.prompts)
     model_dir = Path(args.model)
     geometry = geometry_from_config(model_dir)  # refuse what we cannot model before starting the engine
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(args.out)
     meter = open_meter(args.meter)
     console.print(f"meter: {source_note(meter.source)}")
     sock = os.path.join(tempfile.mkdtemp(prefix="wattprint-"), "sidecar.sock")

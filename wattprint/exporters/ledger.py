@@ -42,6 +42,7 @@ from pathlib import Path
 import msgspec
 
 from wattprint.errors import InputError
+from wattprint.files import private_dir
 from wattprint.profiler.core.results import RequestResult
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Ledger:
         self._last_fsync = time.monotonic()
         try:
             if self.path.parent and not self.path.parent.exists():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(self.path.parent)
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                                            | os.O_CLOEXEC | os.O_NONBLOCK, mode)
         except OSError as exc:

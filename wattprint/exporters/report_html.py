@@ -22,7 +22,7 @@ import numpy as np
 from wattprint.files import atomic_write
 from wattprint.profiler.core.records import EntryArrays, StepRecord, StepTrace, entry_arrays
 from wattprint.profiler.core.results import RequestResult
-from wattprint.profiler.meters.base import is_measured
+from wattprint.profiler.meters.base import source_kind
 
 NEED_STEPS = "needs the engine steps and the energy samples (steps.jsonl, energy.jsonl) of the run"
 CAPTIONS = {
@@ -48,10 +48,10 @@ CAPTIONS = {
 
 
 def _banner(source: str) -> str:
-    if is_measured(source):
+    kind = source_kind(source)
+    if kind == "measured":
         return ""
-    kind = ("simulated by the GPU twin" if "simulated" in source else
-            "estimated from CPU time" if "estimate" in source else "from a source not known to be a meter")
+    kind = "simulated by the GPU twin" if kind == "simulated" else "estimated, not read from a hardware counter"
     return (f"Every energy figure in this report is {kind} (source: {source}); none of it is a measurement. "
             "It shows how wattprint attributes energy, not what this hardware used.")
 

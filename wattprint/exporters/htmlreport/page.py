@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from wattprint.profiler.meters.base import is_measured
+from wattprint.profiler.meters.base import is_measured, source_kind
 
 CSS = """
 :root { color-scheme: light; }
@@ -53,10 +53,10 @@ def esc(x) -> str:
 
 
 def source_tag(source: str) -> str:
-    if is_measured(source):
+    kind = source_kind(source)
+    if kind == "measured":
         return f'<span class="tag measured">measured ({esc(source)})</span>'
-    kind = "SIMULATED" if "simulated" in source else "ESTIMATED" if "estimate" in source else "NOT MEASURED"
-    return f'<span class="tag notmeasured">{kind} ({esc(source)}): not a measurement</span>'
+    return f'<span class="tag notmeasured">{kind.upper()} ({esc(source)}): not a measurement</span>'
 
 
 def _joules(v) -> str:

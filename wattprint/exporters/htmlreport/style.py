@@ -77,13 +77,9 @@ def energy_unit(max_j: float) -> tuple[float, str]:
 
 
 def source_words(source: str) -> str:
-    """How an energy source is named on an axis: ``measured`` only for hardware counters."""
-    from wattprint.profiler.meters.base import is_measured
+    """How an energy source is named on an axis: ``measured`` only for hardware counters (the kind is
+    :func:`wattprint.profiler.meters.base.source_kind`'s, the one rule)."""
+    from wattprint.profiler.meters.base import source_kind
 
-    if is_measured(source):
-        return f"measured, {source}"
-    if "simulated" in source:
-        return "simulated, not measured"
-    if "estimate" in source:
-        return "estimated, not measured"
-    return f"{source}, not known to be measured"
+    kind = source_kind(source)
+    return f"measured, {source}" if kind == "measured" else f"{kind}, not measured"

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from wattprint.errors import MeterError
 from wattprint.profiler.meters.base import DeviceInfo, Meter, Reading
+from wattprint.profiler.timeline.counter import stitched_offset_j
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +356,9 @@ class NvmlMeter(Meter):
     def _read_counter(self, state: _DeviceState) -> float:
         raw_j = state.gpu.total_energy_mj() / 1000.0
         if state.last_raw_j is not None and raw_j < state.last_raw_j:
-            # The counter restarted (driver reload): what it had counted is kept in the offset and the
-            # new value counts from its new origin, so the cumulative figure never goes backwards.
-            state.offset_j += state.last_raw_j
+            # The counter restarted (driver reload): stitched by the counter rule, so the cumulative
+            # figure never goes backwards.
+            state.offset_j = stitched_offset_j(state.last_raw_j, raw_j, state.offset_j)
             state.resets += 1
             log.warning("nvml device %r: energy counter went backwards (%.3f J -> %.3f J); stitched "
                         "(reset #%d)", state.gpu.selector, state.last_raw_j, raw_j, state.resets)

@@ -49,6 +49,14 @@ def change_points(t_s, energy_j, publish: str = "midpoint") -> tuple[np.ndarray,
     return times, e[idx], resets
 
 
+def stitched_offset_j(last_raw_j: float, raw_j: float, offset_j: float) -> float:
+    """The offset to add to raw values from ``raw_j`` on: unchanged unless the counter went back, when
+    it restarted from zero and everything it had counted (``last_raw_j`` plus the old offset) is kept."""
+    if raw_j >= last_raw_j:
+        return offset_j
+    return last_raw_j + offset_j - min(raw_j, 0.0)
+
+
 @dataclass(frozen=True)
 class ChangePoint:
     """The first poll showing a new (stitched) counter value, the poll before it, and the estimated
@@ -94,7 +102,7 @@ class CounterTrack:
         prev = last_raw + self._offset
         if raw_j < last_raw:  # the counter restarted from zero
             self.resets += 1
-            self._offset = prev - min(raw_j, 0.0)
+            self._offset = stitched_offset_j(last_raw, raw_j, self._offset)
         value = raw_j + self._offset
         t_pub = 0.5 * (last_t + t_s) if self.publish == "midpoint" else t_s
         return ChangePoint(last_t, t_s, value, prev, t_pub)

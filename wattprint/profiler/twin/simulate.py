@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from wattprint.files import open_private, private_dir
 from wattprint.profiler.core import costmodel as cm
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
@@ -71,15 +72,14 @@ class SimResult:
     traces: list[PowerTrace] = field(repr=False, default_factory=list)
 
     def write(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "steps.jsonl", "wb") as f:
+        out = private_dir(out_dir)
+        with open_private(out / "steps.jsonl") as f:
             for s in self.steps:
                 f.write(encode_line(s))
-        with open(out / "energy.jsonl", "wb") as f:
+        with open_private(out / "energy.jsonl") as f:
             for e in self.energy:
                 f.write(encode_line(e))
-        with open(out / "truth.jsonl", "wb") as f:
+        with open_private(out / "truth.jsonl") as f:
             for t in self.truth.values():
                 f.write(msgspec.json.encode({k: (float(v) if isinstance(v, np.floating) else v) for k, v in t.__dict__.items()}) + b"\n")
         summary = {

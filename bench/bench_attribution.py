@@ -2,7 +2,8 @@
 
 Speed: a trace of ~16,000 steps, ~3,000 requests, ~1.9 million request-step entries is attributed
 end to end by the ``wattprint attribute`` command (interpreter start, parsing, fit, split, output),
-pinned to one core; median of several runs.
+pinned to one core, from steps.jsonl and from its Parquet copy (identical requests.jsonl checked); CPU
+time (user+sys) and wall time, medians of several runs.
 
 Accuracy: per-request, phase, KV and idle errors against the twin's ground truth over several seeds.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,30 +43,49 @@ def speed(runs: int) -> None:
     if not (trace / "steps.jsonl").exists():
         print("generating the speed trace (once) ...", flush=True)
         simulate(g, hw, SPEED_SPEC).write(trace)
+    if not (trace / "steps.parquet").exists() or \
+            (trace / "steps.parquet").stat().st_mtime < (trace / "steps.jsonl").stat().st_mtime:
+        from wattprint.commands.convert import convert  # what `wattprint convert` runs
+
+        convert(str(trace / "steps.jsonl"), str(trace / "steps.parquet"))
     n_steps = n_entries = 0
     with open(trace / "steps.jsonl", "rb") as f:
         for line in f:
             n_steps += 1
             n_entries += line.count(b'"id"')
     size_mb = (trace / "steps.jsonl").stat().st_size / 1e6
-    cmd = [sys.executable, "-m", "wattprint.cli", "attribute", "--steps", str(trace / "steps.jsonl"),
-           "--energy", str(trace / "energy.jsonl"), "--model", "llama-3.1-8b", "--hardware", "h100-sxm",
-           "--out", str(trace / "requests.jsonl"), "--summary", str(trace / "summary.json"), "-q"]
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(pin + cmd, check=True, env=env)
-        times.append(time.perf_counter() - t)
+    fmts = ("jsonl", "parquet")
+    wall: dict[str, list[float]] = {f: [] for f in fmts}
+    cpu: dict[str, list[float]] = {f: [] for f in fmts}
+    for _ in range(runs):  # interleaved, so that a busy moment hits both formats alike
+        for fmt in fmts:
+            cmd = command(trace, fmt)
+            t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(pin + cmd, check=True, env=env)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall[fmt].append(time.perf_counter() - t)
+            cpu[fmt].append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    same = (trace / "requests-jsonl.jsonl").read_bytes() == (trace / "requests-parquet.jsonl").read_bytes()
     print(f"\n## Offline attribution speed ({date.today()})\n")
     print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; pinned to one core: {bool(pin)}")
-    print(f"- trace: {n_steps} steps, {n_entries} request-step entries, {size_mb:.0f} MB steps.jsonl, "
-          f"{SPEED_SPEC.requests} requests")
-    print(f"- command: `{' '.join(pin + ['wattprint'] + cmd[3:])}`")
-    print(f"- wall time, end to end: median {statistics.median(times):.2f} s over {runs} runs "
-          f"(min {min(times):.2f}, max {max(times):.2f})")
+    print(f"- trace: {n_steps} steps, {n_entries} request-step entries, {size_mb:.0f} MB steps.jsonl "
+          f"({(trace / 'steps.parquet').stat().st_size / 1e6:.1f} MB steps.parquet), {SPEED_SPEC.requests} requests")
+    print(f"- command: `{' '.join(pin + ['wattprint'] + command(trace, 'jsonl')[3:])}` (and steps.parquet)")
+    for fmt in fmts:
+        print(f"- steps.{fmt}, end to end: CPU (user+sys) median {statistics.median(cpu[fmt]):.2f} s, wall median "
+              f"{statistics.median(wall[fmt]):.2f} s over {runs} runs (wall min {min(wall[fmt]):.2f}, "
+              f"max {max(wall[fmt]):.2f})")
+    ratio = statistics.median(cpu["jsonl"]) / statistics.median(cpu["parquet"])
+    print(f"- Parquet {ratio:.2f}x faster than JSON lines (CPU, medians); requests.jsonl byte-identical: {same}")
+
+
+def command(trace: Path, fmt: str) -> list[str]:
+    return [sys.executable, "-m", "wattprint.cli", "attribute", "--steps", str(trace / f"steps.{fmt}"),
+            "--energy", str(trace / "energy.jsonl"), "--model", "llama-3.1-8b", "--hardware", "h100-sxm",
+            "--out", str(trace / f"requests-{fmt}.jsonl"), "--summary", str(trace / f"summary-{fmt}.json"), "-q"]
 
 
 def accuracy(seeds: int) -> None:

@@ -2,9 +2,11 @@
 
 The trace is bench_attribution.py's (``bench/.cache/speed/``, generated here when missing); its Parquet
 copy is written by ``wattprint convert``'s function. Each run is a fresh interpreter pinned to one core that times
-one load (``records.load_steps`` / ``tracefiles.load_steps_parquet``: parse, build the records and the
-entry columns, validate); the median of the runs is reported. Before timing, both loads are checked to
-give identical StepTrace contents (records and entry columns).
+one load; the median of the runs is reported. Two loads of each file: what ``wattprint attribute`` does
+(``compact``: read a chunk at a time, validate, into the attribution's compact columns; Parquet without
+a Python object per entry) and the full records (``records``: ``records.load_steps`` /
+``tracefiles.load_steps_parquet``, a StepTrace). Before timing, both formats are checked to give
+identical contents (compact columns and request metadata; records and entry columns).
 
     .venv/bin/python bench/bench_columnar.py [--runs 7]
 """
@@ -25,11 +27,19 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "speed"
-LOADERS = {
-    "steps.jsonl": "from wattprint.profiler.core.records import load_steps as load",
-    "steps.parquet": "from wattprint.profiler.core.tracefiles import load_steps_parquet as load",
-    "energy.jsonl": "from wattprint.profiler.core.records import read_energy as load",
-    "energy.parquet": "from wattprint.profiler.core.tracefiles import read_energy_parquet as load",
+COMPACT = ("from wattprint.profiler.attribution.compact import CompactTrace\n"
+           "from wattprint.commands.common import model_geometry\n{chunks}\n"
+           "def load(p):\n    t = CompactTrace(model_geometry('llama-3.1-8b'))\n"
+           "    for s, e in chunks(p):\n        t.add(s, e)\n    return t.n_steps\n")
+LOADERS = {  # (file, how): code defining load(path)
+    ("steps.jsonl", "compact"): COMPACT.format(
+        chunks="from wattprint.profiler.core.records import iter_step_chunks as chunks"),
+    ("steps.parquet", "compact"): COMPACT.format(
+        chunks="from wattprint.profiler.core.tracefiles import iter_step_columns_parquet as chunks"),
+    ("steps.jsonl", "records"): "from wattprint.profiler.core.records import load_steps as load",
+    ("steps.parquet", "records"): "from wattprint.profiler.core.tracefiles import load_steps_parquet as load",
+    ("energy.jsonl", "records"): "from wattprint.profiler.core.records import read_energy as load",
+    ("energy.parquet", "records"): "from wattprint.profiler.core.tracefiles import read_energy_parquet as load",
 }
 
 
@@ -66,12 +76,27 @@ def check_identical() -> int:
     for name in ("slot", "prefill", "decode", "context", "offsets"):
         assert np.array_equal(getattr(ea, name), getattr(eb, name)), name
     assert records.read_energy(CACHE / "energy.jsonl") == tracefiles.read_energy_parquet(CACHE / "energy.parquet")
+    from wattprint.commands.common import model_geometry
+    from wattprint.profiler.attribution.compact import CompactTrace
+
+    traces = []
+    for chunks, name in ((records.iter_step_chunks, "steps.jsonl"),
+                         (tracefiles.iter_step_columns_parquet, "steps.parquet")):
+        t = CompactTrace(model_geometry("llama-3.1-8b"))
+        for steps, entries in chunks(CACHE / name):
+            t.add(steps, entries)
+        traces.append(t)
+    (a, b), (ta, tb) = (t._arrays() for t in traces), (t.table for t in traces)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), "compact columns differ"
+    n = len(ta.ids)
+    assert ta.ids == tb.ids and ta.stratum == tb.stratum and np.array_equal(ta.data[:, :n], tb.data[:, :n]), \
+        "metadata differ"
     return len(ea.reqs)
 
 
-def time_load(name: str, pin: list[str], env: dict) -> tuple[float, float]:
-    code = (f"import time\n{LOADERS[name]}\nt, c = time.perf_counter(), time.process_time()\n"
-            f"x = load({str(CACHE / name)!r})\nprint(time.perf_counter() - t, time.process_time() - c)")
+def time_load(key: tuple[str, str], pin: list[str], env: dict) -> tuple[float, float]:
+    code = (f"import time\n{LOADERS[key]}\nt, c = time.perf_counter(), time.process_time()\n"
+            f"x = load({str(CACHE / key[0])!r})\nprint(time.perf_counter() - t, time.process_time() - c)")
     out = subprocess.run(pin + [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     wall, cpu = map(float, out.stdout.split())
     return wall, cpu
@@ -85,8 +110,8 @@ def main() -> None:
     entries = check_identical()
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    wall: dict[str, list[float]] = {n: [] for n in LOADERS}
-    cpu: dict[str, list[float]] = {n: [] for n in LOADERS}
+    wall: dict[tuple[str, str], list[float]] = {n: [] for n in LOADERS}
+    cpu: dict[tuple[str, str], list[float]] = {n: [] for n in LOADERS}
     for _ in range(a.runs):  # interleaved, so that a busy moment hits every loader alike
         for name in LOADERS:
             w, c = time_load(name, pin, env)
@@ -97,16 +122,18 @@ def main() -> None:
     print(f"\n## Columnar trace files: loading Parquet against JSON lines ({date.today()})\n")
     print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; pinned to one core: {bool(pin)}")
-    print(f"- trace: bench/.cache/speed ({entries} request-step entries); identical StepTrace contents checked")
+    print(f"- trace: bench/.cache/speed ({entries} request-step entries); identical contents checked")
     print(f"- command: `.venv/bin/python bench/bench_columnar.py --runs {a.runs}` (one load per fresh interpreter, "
           "imports not timed)")
-    print("\n| file | size | wall, median | min | max | CPU, median |\n|---|---|---|---|---|---|")
-    for n, v in wall.items():
+    print("\n| file | load | size | wall, median | min | max | CPU, median |\n|---|---|---|---|---|---|---|")
+    for (n, how), v in wall.items():
         size = (CACHE / n).stat().st_size / 1e6
-        print(f"| {n} | {size:.1f} MB | {med[n]:.3f} s | {min(v):.3f} s | {max(v):.3f} s | {med_cpu[n]:.3f} s |")
-    for kind in ("steps", "energy"):
-        print(f"\n- {kind}: Parquet loads {med[f'{kind}.jsonl'] / med[f'{kind}.parquet']:.2f}x faster than JSON "
-              f"lines (wall, median; CPU: {med_cpu[f'{kind}.jsonl'] / med_cpu[f'{kind}.parquet']:.2f}x)")
+        print(f"| {n} | {how} | {size:.1f} MB | {med[n, how]:.3f} s | {min(v):.3f} s | {max(v):.3f} s | "
+              f"{med_cpu[n, how]:.3f} s |")
+    for kind, how in (("steps", "compact"), ("steps", "records"), ("energy", "records")):
+        j, q = (f"{kind}.jsonl", how), (f"{kind}.parquet", how)
+        print(f"\n- {kind} ({how}): Parquet loads {med[j] / med[q]:.2f}x faster than JSON lines (wall, median; "
+              f"CPU: {med_cpu[j] / med_cpu[q]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def energy_source(samples: Iterable) -> str:
 
 def read_energy_file(path):
     """energy.jsonl or energy.parquet (pyarrow is imported only for Parquet)."""
-    if str(path).endswith(".parquet"):
+    from wattprint.profiler.core.records import is_parquet
+
+    if is_parquet(path):
         from wattprint.profiler.core.tracefiles import read_energy_any
 
         return read_energy_any(path)
@@ -51,7 +53,9 @@ def read_energy_file(path):
 
 def load_steps_file(path):
     """steps.jsonl or steps.parquet as a validated StepTrace (pyarrow is imported only for Parquet)."""
-    if str(path).endswith(".parquet"):
+    from wattprint.profiler.core.records import is_parquet
+
+    if is_parquet(path):
         from wattprint.profiler.core.tracefiles import load_steps_any
 
         return load_steps_any(path)

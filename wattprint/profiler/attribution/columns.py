@@ -11,7 +11,7 @@ import numpy as np
 
 from wattprint.profiler.core import costmodel as cm
 from wattprint.profiler.core.costmodel import ModelGeometry
-from wattprint.profiler.core.records import EntryArrays, StepRecord, entry_arrays
+from wattprint.profiler.core.records import EntryArrays, StepRecord, StepTimes, entry_arrays
 
 
 @dataclass
@@ -45,11 +45,22 @@ class StepColumns:
         self.flops = cm.request_flops(g, new, ctx)
         self.kv_read = cm.kv_read_bytes(g, ctx).astype(float)
         self.kv_write = cm.kv_write_bytes(g, new).astype(float)
-        self.step_flops = np.bincount(self.step_of, self.flops, minlength=n_steps)
-        kv = np.bincount(self.step_of, self.kv_read + self.kv_write, minlength=n_steps)
+        self.step_flops = self.step_sums(self.flops)
+        kv = self.step_sums(self.kv_read + self.kv_write)
         self.step_bytes = kv + float(g.weight_bytes)
-        self.step_tokens = np.bincount(self.step_of, new, minlength=n_steps)
+        self.step_tokens = self.step_sums(new)
         return self
+
+    def step_sums(self, x: np.ndarray) -> np.ndarray:
+        """Per step, the sum of a per-entry quantity (each step's entries are contiguous: segment sums,
+        several times faster than ``bincount`` by step)."""
+        starts = self.offsets[:-1]
+        out = np.zeros(len(starts))
+        k = int(np.searchsorted(starts, len(x)))  # steps after the last entry hold none
+        if k:
+            out[:k] = np.add.reduceat(x, starts[:k])
+            out[:k][starts[:k] == self.offsets[1:k + 1]] = 0.0  # a step without entries (reduceat gives x[start])
+        return out
 
     @classmethod
     def steps_only(cls, t_start, t_end, step_flops, step_bytes, step_tokens, ids) -> StepColumns:
@@ -65,11 +76,12 @@ class StepColumns:
         return np.maximum(self.t_end - self.t_start, 1e-9)
 
 
-def columns_from_steps(steps: Sequence[StepRecord], g: ModelGeometry,
+def columns_from_steps(steps: Sequence[StepRecord] | StepTimes, g: ModelGeometry,
                        slots: dict[str, int] | None = None, ids: list[str] | None = None,
                        entries: EntryArrays | None = None) -> StepColumns:
     """Turn step records into :class:`StepColumns`; ``slots``/``ids`` intern request ids (shared
-    across calls). ``entries``: the columns already extracted by :func:`records.load_steps`."""
+    across calls). ``entries``: the columns already extracted by :func:`records.load_steps` (required
+    when ``steps`` are columns)."""
     slots = {} if slots is None else slots
     ids = [] if ids is None else ids
     e = entries if entries is not None else entry_arrays(list(steps))
@@ -85,8 +97,8 @@ def columns_from_steps(steps: Sequence[StepRecord], g: ModelGeometry,
         req = np.fromiter(map(slots.__getitem__, e.slot_ids), np.int64, len(e.slot_ids))[e.slot]
     n = len(steps)
     cols = StepColumns(
-        t_start=np.fromiter(map(_T0, steps), float, n),
-        t_end=np.fromiter(map(_T1, steps), float, n),
+        t_start=steps.t_start if isinstance(steps, StepTimes) else np.fromiter(map(_T0, steps), float, n),
+        t_end=steps.t_end if isinstance(steps, StepTimes) else np.fromiter(map(_T1, steps), float, n),
         offsets=e.offsets, req=req, prefill=e.prefill, decode=e.decode, context=e.context, ids=ids,
     )
     return cols.derive(g)

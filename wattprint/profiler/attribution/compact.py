@@ -1,6 +1,7 @@
 """A trace held compactly for offline attribution: per-entry int32 columns (16 bytes an entry instead of
 the ~500 of parsed records), per-step aggregates of the cost model, and the request table's metadata.
-Built chunk by chunk (:func:`wattprint.profiler.core.records.iter_step_chunks`), so that a file is never
+Built chunk by chunk (:func:`wattprint.profiler.core.records.iter_step_chunks`; Parquet straight from its
+columns, :func:`wattprint.profiler.core.tracefiles.iter_step_columns_parquet`), so that a file is never
 held as Python objects all at once; the split then runs over ranges of steps."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from wattprint.errors import InputError
 from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
 from wattprint.profiler.attribution.table import RequestTable, note_metadata
 from wattprint.profiler.core.costmodel import ModelGeometry
-from wattprint.profiler.core.records import EntryArrays, StepRecord
+from wattprint.profiler.core.records import EntryArrays, StepRecord, StepTimes
 
 _I32 = np.iinfo(np.int32).max
 SPLIT_ENTRIES = 1 << 18  # entries per range of the split
@@ -31,14 +32,14 @@ class CompactTrace:
         self._entries: dict[str, list[np.ndarray]] = {k: [] for k in ("req", "prefill", "decode", "context")}
         self._cat: dict[str, np.ndarray] | None = None
 
-    def add(self, steps: list[StepRecord], entries: EntryArrays | None = None) -> None:
-        """Append a run of steps (in time order, after those already added)."""
-        if not steps:
+    def add(self, steps: list[StepRecord] | StepTimes, entries: EntryArrays | None = None) -> None:
+        """Append a run of steps (in time order, after those already added): records, or columns with
+        their ``entries`` (a columnar file read without a Python object per entry)."""
+        if not len(steps):
             return
         cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids, entries)
         self.table.ensure(len(self.table.ids))
-        note_metadata(self.table, [r for s in steps for r in s.requests] if entries is None else entries.reqs,
-                      cols.req)
+        note_metadata(self.table, [r for s in steps for r in s.requests] if entries is None else entries, cols.req)
         for name, col in (("prefill", cols.prefill), ("decode", cols.decode), ("context", cols.context)):
             if len(col) and col.max() > _I32:
                 raise InputError(f"a {name} token count above {_I32} cannot be a real request")
@@ -91,7 +92,7 @@ class CompactTrace:
         e0, e1 = int(a["offsets"][i0]), int(a["offsets"][i1])
         cols = StepColumns(
             t_start=a["t_start"][i0:i1], t_end=a["t_end"][i0:i1], offsets=a["offsets"][i0:i1 + 1] - e0,
-            req=a["req"][e0:e1].astype(np.int64), prefill=a["prefill"][e0:e1].astype(np.int64),
-            decode=a["decode"][e0:e1].astype(np.int64), context=a["context"][e0:e1].astype(np.int64),
+            req=a["req"][e0:e1].astype(np.int64),  # int64: bincount converts any other index type first
+            prefill=a["prefill"][e0:e1], decode=a["decode"][e0:e1], context=a["context"][e0:e1],  # int32 views
             ids=self.table.ids)
         return cols.derive(self.g)

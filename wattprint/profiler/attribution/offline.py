@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from wattprint.profiler.attribution.table import add_breakdowns
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.hardware import HardwareProfile
-from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, iter_step_chunks
+from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, is_parquet, iter_step_chunks
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.timeline.counter import change_points, publish_mode
 
@@ -44,9 +45,9 @@ class Attribution:
 
 
 def _energy_by_device(samples: Sequence[EnergySample]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    dev = np.fromiter((s.device for s in samples), np.int64, len(samples))
-    t = np.fromiter((s.t for s in samples), float, len(samples))
-    e = np.fromiter((s.energy_j for s in samples), float, len(samples))
+    dev = np.fromiter(map(attrgetter("device"), samples), np.int64, len(samples))
+    t = np.fromiter(map(attrgetter("t"), samples), float, len(samples))
+    e = np.fromiter(map(attrgetter("energy_j"), samples), float, len(samples))
     out = {}
     for d in np.unique(dev):
         m = dev == d
@@ -130,7 +131,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: S
         add_breakdowns(totals, c, split, table)
         for k, v in step_parts(c, split).items():
             parts.setdefault(k, np.zeros(n_steps))[i0:i1] = v
-    results = [table.result(k, source, model_name) for k in range(len(table.ids))]
+    results = table.results(source, model_name)
     totals.requests = len(results)
     return Attribution(results, totals, step_energy, fits, parts, intervals)
 
@@ -139,21 +140,20 @@ def attribute_file(steps_path, samples: Sequence[EnergySample], g: ModelGeometry
                    **kw) -> Attribution:
     """:func:`attribute` on a ``steps.jsonl`` (or ``.parquet``) read a chunk at a time: memory grows by
     about 20 bytes per request-step entry (compact columns), not by the parsed records."""
-    from wattprint.profiler.core.tracefiles import iter_step_chunks_any  # pyarrow: only for Parquet files
-
+    if is_parquet(steps_path):  # read straight into columns; pyarrow is imported only for Parquet files
+        from wattprint.profiler.core.tracefiles import iter_step_columns_parquet as chunks
+    else:
+        chunks = iter_step_chunks
     trace = CompactTrace(g)
-    for steps, entries in (iter_step_chunks_any(steps_path) if str(steps_path).endswith(".parquet")
-                           else iter_step_chunks(steps_path)):
+    for steps, entries in chunks(steps_path):
         trace.add(steps, entries)
     return attribute(trace, samples, g, hw, **kw)
 
 
 def step_parts(cols, split) -> dict[str, np.ndarray]:
     """Each step's energy by phase and by component (sums of its entries)."""
-    n = len(cols.t_start)
-    so = cols.step_of
     pre = np.where(split.is_prefill, split.energy, 0.0)
-    out = {"prefill_j": np.bincount(so, pre, n), "decode_j": np.bincount(so, split.energy - pre, n)}
+    out = {"prefill_j": cols.step_sums(pre), "decode_j": cols.step_sums(split.energy - pre)}
     for name in ("compute", "weights", "kv", "static"):
-        out[f"{name}_j"] = np.bincount(so, getattr(split, name), n)
+        out[f"{name}_j"] = cols.step_sums(getattr(split, name))
     return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.split import EntrySplit
 from wattprint.profiler.core.efficiency import IdealCost
-from wattprint.profiler.core.records import RequestEntry
+from wattprint.profiler.core.records import EntryArrays, RequestEntry, entry_metadata
 from wattprint.profiler.core.results import RequestResult, Totals
 
 
@@ -57,17 +58,17 @@ class RequestTable:
         for name, part in (("kv_j", split.kv), ("compute_j", split.compute), ("weights_j", split.weights),
                            ("static_j", split.static)):
             self.col(name)[:n] += bc(req, part, n)
-        w = np.ones(len(req)) if count_tokens is None else count_tokens.astype(float)
-        if w.any():
-            self.col("kv_read_bytes")[:n] += bc(req, cols.kv_read * w, n)
-            self.col("kv_write_bytes")[:n] += bc(req, cols.kv_write * w, n)
-            self.col("flops")[:n] += bc(req, cols.flops * w, n)
-            self.col("prefill_tokens")[:n] += bc(req, cols.prefill * w, n)
-            self.col("decode_tokens")[:n] += bc(req, cols.decode * w, n)
+        w = None if count_tokens is None else count_tokens.astype(float)  # None: every entry counts
+        if w is None or w.any():
+            for name, x in (("kv_read_bytes", cols.kv_read), ("kv_write_bytes", cols.kv_write), ("flops", cols.flops),
+                            ("prefill_tokens", cols.prefill), ("decode_tokens", cols.decode)):
+                self.col(name)[:n] += bc(req, x if w is None else x * w, n)
             # entries are in time order: a request's first entry starts it, its last ends it
             # (fancy assignment keeps the last write, so write backwards for the first)
-            idx = np.flatnonzero(w > 0)
-            r_idx, so = req[idx], cols.step_of[idx]
+            r_idx, so = req, cols.step_of
+            if w is not None:
+                idx = np.flatnonzero(w > 0)
+                r_idx, so = req[idx], so[idx]
             ts = np.full(n, math.inf)
             ts[r_idx[::-1]] = cols.t_start[so[::-1]]
             te = np.full(n, -math.inf)
@@ -93,9 +94,17 @@ class RequestTable:
     def result(self, slot: int, source: str, model: str | None, status: str = "final",
                add: dict[str, float] | None = None) -> RequestResult:
         """The record of a request; ``add``: amounts to add to its sums (a provisional prediction)."""
-        d = {f: float(self.data[i, slot]) for i, f in enumerate(self.FIELDS)}
+        d = dict(zip(self.FIELDS, self.data[:, slot].tolist()))
         for f, v in (add or {}).items():
             d[f] += v
+        return self._result(slot, d, source, model, status)
+
+    def results(self, source: str, model: str | None) -> list[RequestResult]:
+        """The final records of every request, in slot order (the table read once)."""
+        rows = self.data[:, :len(self.ids)].T.tolist()
+        return [self._result(k, dict(zip(self.FIELDS, row)), source, model, "final") for k, row in enumerate(rows)]
+
+    def _result(self, slot: int, d: dict[str, float], source: str, model: str | None, status: str) -> RequestResult:
         prompt, cached, output = token_counts(d)
         ideal = None if self.ideal is None else self.ideal.energy_j(
             d["flops"], d["kv_read_bytes"] + d["kv_write_bytes"], d["prefill_tokens"] + d["decode_tokens"])
@@ -130,7 +139,6 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
                    count: np.ndarray | None = None) -> None:
     """Add a run of settled entries to the totals: attributed/prefill/decode/KV joules, and the
     per-phase, per-stratum breakdowns. ``count`` marks entries whose tokens and bytes count now."""
-    cnt = np.ones(len(cols.req), dtype=bool) if count is None else count
     attributed = float(split.energy.sum())
     pre = float(split.energy[split.is_prefill].sum())
     tot.attributed_j += attributed
@@ -140,8 +148,8 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
     tot.compute_j += float(split.compute.sum())
     tot.weights_j += float(split.weights.sum())
     tot.static_j += float(split.static.sum())
-    tot.kv_read_bytes += float(cols.kv_read[cnt].sum())
-    tot.kv_write_bytes += float(cols.kv_write[cnt].sum())
+    tot.kv_read_bytes += float((cols.kv_read if count is None else cols.kv_read[count]).sum())
+    tot.kv_write_bytes += float((cols.kv_write if count is None else cols.kv_write[count]).sum())
     # per stratum: index requests by stratum, then bincount entries (vectorised)
     names = sorted({v or "" for v in table.stratum.values()} | {""})
     code = {n: i for i, n in enumerate(names)}
@@ -153,7 +161,7 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
     kv = np.bincount(ec, split.kv, m)
     by = {ph: np.bincount(ec, np.where(mask, split.energy, 0.0), m)
           for ph, mask in (("prefill", split.is_prefill), ("decode", ~split.is_prefill))}
-    tok = {ph: np.bincount(ec, np.where(cnt, t, 0).astype(float), m)
+    tok = {ph: np.bincount(ec, (t if count is None else np.where(count, t, 0)).astype(float), m)
            for ph, t in (("prefill", cols.prefill), ("decode", cols.decode))}
     for i, name in enumerate(names):
         if kv[i]:
@@ -167,43 +175,57 @@ def add_breakdowns(tot: Totals, cols: StepColumns, split: EntrySplit, table: Req
                 d[name] = d.get(name, 0.0) + float(tok[ph][i])
 
 
-def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry], slots: np.ndarray) -> None:
+def note_metadata(table: RequestTable, reqs: Sequence[RequestEntry] | EntryArrays, slots: np.ndarray) -> None:
     """The request-metadata rule, for offline and online alike: a request's stratum and prompt length
     are the first ones any of its entries gives (the vLLM hook repeats them on every entry; files may
     give them once, anywhere); its cached prompt tokens are the context of its first entry when that is
-    prefill; the engine's output count is the largest its entries give. ``slots``: the table slot of
-    each entry, entries in time order.
+    prefill; the engine's output count is the largest its entries give. ``reqs``: the entries, as records
+    or as columns; ``slots``: the table slot of each entry, entries in time order.
 
     Per-request work: each request's first and last entries here are read; only requests still lacking
     a stratum or a prompt length are looked up in their other entries.
     """
     table.ensure(len(table.ids))
-    if not len(slots):
+    n = len(slots)
+    if not n:
         return
-    # each request's first and last entry here (work in the entries' size, not the table's)
-    uniq, first_pos = np.unique(slots, return_index=True)
-    last_pos = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
+    # each request's first and last entry here (fancy assignment keeps the last write: write backwards
+    # for the first); work in the entries' size and the table's, no sort
+    pos = np.arange(n)
+    first = np.full(int(slots.max()) + 1, n)
+    first[slots[::-1]] = pos[::-1]
+    uniq = np.flatnonzero(first < n)
+    first_pos = first[uniq]
+    last = np.zeros(len(first), dtype=np.int64)
+    last[slots] = pos
+    last_pos = last[uniq]
+    get = reqs.metadata if isinstance(reqs, EntryArrays) else partial(entry_metadata, reqs)
+    strata, prompts, _ = get(first_pos.tolist())
+    outputs = get(last_pos.tolist())[2]
+    if isinstance(reqs, EntryArrays):
+        prefill, context = reqs.prefill[first_pos].tolist(), reqs.context[first_pos].tolist()
+    else:
+        prefill, context = ([getattr(reqs[i], f) for i in first_pos.tolist()] for f in ("prefill_tokens", "context_tokens"))
     prompt_col, cached_col, output_col = (table.col(c) for c in ("prompt_tokens", "cached_tokens",
                                                                   "given_output_tokens"))
     stratum = table.stratum
     missing = []
-    for k, i, j in zip(uniq.tolist(), first_pos.tolist(), last_pos.tolist()):
-        r = reqs[i]
-        if stratum.get(k) is None and r.stratum is not None:
-            stratum[k] = r.stratum
-        if not prompt_col[k] and r.prompt_tokens:
-            prompt_col[k] = r.prompt_tokens
+    for k, r_stratum, r_prompt, pre, ctx, given in zip(uniq.tolist(), strata, prompts, prefill, context, outputs):
+        if stratum.get(k) is None and r_stratum is not None:
+            stratum[k] = r_stratum
+        if not prompt_col[k] and r_prompt:
+            prompt_col[k] = r_prompt
         if cached_col[k] < 0:  # first sight of the request
-            cached_col[k] = r.context_tokens if r.prefill_tokens > 0 else 0
-        given = reqs[j].output_tokens
+            cached_col[k] = ctx if pre > 0 else 0
         if given is not None and given > output_col[k]:
             output_col[k] = given
         if stratum.get(k) is None or not prompt_col[k]:
             missing.append(k)
     if missing:
-        for i in np.flatnonzero(np.isin(slots, missing)).tolist():
-            r, k = reqs[i], int(slots[i])
-            if stratum.get(k) is None and r.stratum is not None:
-                stratum[k] = r.stratum
-            if not prompt_col[k] and r.prompt_tokens:
-                prompt_col[k] = r.prompt_tokens
+        idx = np.flatnonzero(np.isin(slots, missing))
+        strata, prompts, _ = get(idx.tolist())
+        for k, r_stratum, r_prompt in zip(slots[idx].tolist(), strata, prompts):
+            if stratum.get(k) is None and r_stratum is not None:
+                stratum[k] = r_stratum
+            if not prompt_col[k] and r_prompt:
+                prompt_col[k] = r_prompt

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wattprint.errors import InputError
+from wattprint.profiler.core.records import is_parquet  # noqa: F401 - here for the readers of columnar files
 
 KINDS = ("steps", "energy", "requests", "ledger")
 KIND_KEY = b"wattprint.kind"
 VERSION_KEY = b"wattprint.format"
 FORMAT_VERSION = b"1"
+SMALL_ROWS = 1 << 16  # string columns up to this long are read value by value (no compute kernel)
 ROW_GROUP_ROWS = 2048  # rows a group: what a reader decodes at once (steps: ~200 k entries, ~30 MB)
 
 
@@ -97,6 +98,8 @@ def column(arrays: dict, name: str, want: pa.DataType, path: str, what: str, req
         i = int(np.argmin(valid(arr)))
         row = i if offsets is None else int(np.searchsorted(offsets, i, side="right")) - 1
         raise InputError(f"{what} field {name!r} is null", path, row + 1)
+    if t == want:
+        return arr  # nothing to cast (a cast loads pyarrow.compute: ~0.08 s a process)
     try:
         return arr.cast(want)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -145,7 +148,11 @@ def pylist(arr: pa.Array | None, n: int, default=None) -> list:
         for i, v in zip(where, arr.drop_null().to_pylist()):
             out[i] = v
         return out
+    if pa.types.is_string(arr.type) and n <= SMALL_ROWS:
+        return [default if v is None else v for v in arr.to_pylist()]
     if pa.types.is_string(arr.type):  # via a dictionary: one str object per distinct value
+        import pyarrow.compute as pc  # only here (large columns): its import costs ~0.08 s a process
+
         enc = pc.dictionary_encode(arr, null_encoding="mask")
         values = np.array(enc.dictionary.to_pylist() + [default], dtype=object)
         return values[np.where(valid(enc.indices), as_numpy(enc.indices), len(values) - 1)].tolist()
@@ -168,7 +175,3 @@ def int_list(values: np.ndarray) -> list[int]:
 def row_lines(n: int) -> bytes:
     """Stand-in for a file's lines: row ``k`` (1-based) is line ``k`` in error messages."""
     return b"r\n" * n
-
-
-def is_parquet(path: str | Path) -> bool:  # by extension
-    return Path(path).suffix.lower() in (".parquet", ".pq")

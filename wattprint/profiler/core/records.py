@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
@@ -73,6 +73,11 @@ def encode_line(obj) -> bytes:
     return _encoder.encode(obj) + b"\n"
 
 
+def is_parquet(path: str | Path) -> bool:
+    """A Parquet file rather than JSON lines (by extension)."""
+    return Path(path).suffix.lower() in (".parquet", ".pq")
+
+
 def read_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -82,7 +87,7 @@ def read_bytes(path: str | Path) -> bytes:
 
 def _locate_bad_line(data: bytes, decoder: msgspec.json.Decoder, path: str) -> InputError:
     """Decode line by line to name the first bad line (only called once the fast path failed)."""
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(bytes(data).split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -116,20 +121,63 @@ def decode_lines(data: bytes, decoder: msgspec.json.Decoder, path: str) -> list:
 
 def _line_numbers(data: bytes) -> list[int]:
     """1-based line number of each non-blank line (for error messages after the fast path)."""
-    return [i for i, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
+    return [i for i, raw in enumerate(bytes(data).split(b"\n"), start=1) if raw.strip()]
 
 
 @dataclass
 class EntryArrays:
     """The request-step entries of a run of steps, as columns (extracted once, in C loops)."""
 
-    reqs: list[RequestEntry]  # every entry, flattened in step order
+    reqs: list[RequestEntry] | None  # every entry, flattened in step order (None: read as columns)
     slot: np.ndarray  # entry -> request slot (order of first appearance)
     slot_ids: list[str]  # slot -> request id
     prefill: np.ndarray
     decode: np.ndarray
     context: np.ndarray
     offsets: np.ndarray  # entries of step i are offsets[i]:offsets[i+1]
+    #: entries read as columns: indices -> (stratum, prompt_tokens, output_tokens) lists, None where not given
+    meta: Callable[[list[int]], tuple[list, list, list]] | None = field(default=None, repr=False)
+
+    def metadata(self, idx: list[int]) -> tuple[list, list, list]:
+        """Stratum, prompt length and output count of the entries ``idx`` (None where not given)."""
+        if self.reqs is None:
+            return self.meta(idx) if self.meta is not None else ([None] * len(idx),) * 3
+        return entry_metadata(self.reqs, idx)
+
+
+def entry_metadata(reqs: list[RequestEntry], idx: list[int]) -> tuple[list, list, list]:
+    """Stratum, prompt length and output count of the entries ``reqs[i]`` for ``i`` in ``idx``."""
+    rs = list(map(reqs.__getitem__, idx))
+    return [r.stratum for r in rs], [r.prompt_tokens for r in rs], [r.output_tokens for r in rs]
+
+
+@dataclass
+class StepTimes:
+    """A run of steps as columns, without records (a columnar file read straight into arrays)."""
+
+    step: np.ndarray  # float64 (exact below 2**53; validated against MAX_STEP)
+    t_start: np.ndarray
+    t_end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t_start)
+
+    @classmethod
+    def of(cls, steps: list[StepRecord]) -> StepTimes:
+        n = len(steps)
+        try:
+            num = np.fromiter(map(_get_step, steps), float, n)
+        except OverflowError:  # a step number beyond float range: clamped, still out of range
+            num = np.fromiter(map(_clamp, map(_get_step, steps)), float, n)
+        return cls(num, np.fromiter(map(_get_t0, steps), float, n), np.fromiter(map(_get_t1, steps), float, n))
+
+    def last(self) -> StepTimes:
+        return StepTimes(self.step[-1:], self.t_start[-1:], self.t_end[-1:])
+
+
+def _clamp(x: int) -> int:
+    """An integer from outside, brought into int64 (values this far out are refused by the record rule)."""
+    return min(max(x, -(1 << 62)), 1 << 62)
 
 
 def entry_arrays(steps: list[StepRecord]) -> EntryArrays:
@@ -142,7 +190,10 @@ def entry_arrays(steps: list[StepRecord]) -> EntryArrays:
         reqs = [r for s in steps for r in s.requests]
         interned: defaultdict[str, int] = defaultdict(count().__next__)
         slot = np.fromiter(map(interned.__getitem__, map(_get_id, reqs)), np.int64, n)
-        cols = [np.fromiter(map(g, reqs), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
+        try:
+            cols = [np.fromiter(map(g, reqs), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
+        except OverflowError:  # a count beyond int64 (JSON ints are unbounded): clamped, still out of range
+            cols = [np.fromiter(map(_clamp, map(g, reqs)), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
     return EntryArrays(reqs, slot, list(interned), cols[0], cols[1], cols[2], offsets)
 
 
@@ -165,42 +216,51 @@ def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None
                    entries: EntryArrays | None = None, *, prev: StepRecord | None = None) -> EntryArrays:
     """Check order and values (vectorised); raises :class:`InputError` naming the line of ``data``.
     ``prev``: the step before these (a file read in chunks)."""
-    n = len(steps)
+    times = StepTimes.of(steps)
+    check_times(times, path, data, None if prev is None else StepTimes.of([prev]))
+    e = entries if entries is not None else entry_arrays(steps)
+    check_entries(e, path, data)
+    return e
+
+
+def _fail(i: int, problem: str, path: str, data: bytes | None):
+    lines = _line_numbers(data) if data is not None else None
+    raise InputError(problem, path, lines[i] if lines else None)
+
+
+def check_times(t: StepTimes, path: str, data: bytes | None, prev: StepTimes | None = None) -> None:
+    """The step rule (:mod:`validate`) over a run of steps: times, numbers, order (``prev``: the step
+    before them, from the previous chunk); the first bad step is named by its line of ``data``."""
+    if not len(t):
+        return
     shift = 0
-    if prev is not None and steps:
-        steps = [prev, *steps]  # checked against the previous chunk's last step, then dropped
-        n += 1
+    num, t0, t1 = t.step, t.t_start, t.t_end
+    if prev is not None:  # checked against the previous chunk's last step
+        num, t0, t1 = (np.concatenate([a, b]) for a, b in ((prev.step, num), (prev.t_start, t0), (prev.t_end, t1)))
         shift = 1
-
-    def fail(i: int, problem: str):
-        lines = _line_numbers(data) if data is not None else None
-        raise InputError(problem, path, lines[i - shift] if lines else None)
-
-    t0 = np.fromiter(map(_get_t0, steps), float, n)
-    t1 = np.fromiter(map(_get_t1, steps), float, n)
-    num = np.fromiter(map(_get_step, steps), float, n)
     bad = validate.times_bad(t0, t1)
     if bad.any():
         i = int(np.argmax(bad))
-        fail(i, validate.explain_times(t0[i], t1[i]))
+        _fail(i - shift, validate.explain_times(t0[i], t1[i]), path, data)
     bad = validate.numbers_bad(num)
     if bad.any():
         i = int(np.argmax(bad))
-        fail(i, f"step number {int(num[i])} is out of range [0, {validate.MAX_STEP}]")
-    if n > 1:
+        _fail(i - shift, f"step number {int(num[i])} is out of range [0, {validate.MAX_STEP}]", path, data)
+    if len(num) > 1:
         bad = validate.order_bad(num[:-1], t1[:-1], num[1:], t0[1:])
         if bad.any():
             i = int(np.argmax(bad)) + 1
-            fail(i, validate.explain_order(int(num[i - 1]), t1[i - 1], int(num[i]), t0[i]))
-    steps = steps[shift:]
-    shift = 0  # entry problems below index this chunk's own steps
-    e = entries if entries is not None else entry_arrays(steps)
+            _fail(i - shift, validate.explain_order(int(num[i - 1]), t1[i - 1], int(num[i]), t0[i]), path, data)
+
+
+def check_entries(e: EntryArrays, path: str, data: bytes | None) -> None:
+    """The entry rule (:mod:`validate`) over a run of entries; names the line of the first bad one's step."""
     bad = validate.entries_bad(e.prefill, e.decode, e.context)
     if bad.any():
         j = int(np.argmax(bad))
         step = int(np.searchsorted(e.offsets, j, side="right")) - 1
-        fail(step, validate.explain_entry(e.reqs[j].id, int(e.prefill[j]), int(e.decode[j]), int(e.context[j])))
-    return e
+        rid = e.slot_ids[int(e.slot[j])]
+        _fail(step, validate.explain_entry(rid, int(e.prefill[j]), int(e.decode[j]), int(e.context[j])), path, data)
 
 
 def load_steps(path: str | Path) -> StepTrace:
@@ -223,11 +283,10 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
     with f:
         while True:
             block = f.read(chunk_bytes)
-            data = rest + block
-            rest = b""
-            if block:
-                cut = data.rfind(b"\n") + 1
-                data, rest = data[:cut], data[cut:]
+            data = rest + block if rest else block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            rest = data[cut:]
+            data = memoryview(data)[:cut]  # whole lines, not copied
             try:
                 steps = decode_lines(data, _step_decoder, path_s) if data else []
                 entries = validate_steps(steps, path_s, data, prev=prev) if steps else None

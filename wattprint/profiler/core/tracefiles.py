@@ -6,17 +6,19 @@ Readers return exactly what the JSON-lines readers of :mod:`wattprint.profiler.c
 validated :class:`StepTrace`, a list of :class:`EnergySample`), built column by column; a bad file is
 an :class:`InputError` naming ``FILE:ROW`` (1-based row of the Parquet table, where JSON lines name the
 line). Each file records what it holds in its schema metadata (``wattprint.kind``).
+:func:`iter_step_columns_parquet` reads steps straight into columns (no Python object per entry or
+step), validated by the same rule, for the offline attribution.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wattprint.errors import InputError
@@ -38,12 +40,15 @@ from wattprint.profiler.core.columnar import (
 )
 from wattprint.profiler.core.records import (
     EnergySample,
+    EntryArrays,
     RequestEntry,
     StepRecord,
+    StepTimes,
     StepTrace,
+    check_entries,
+    check_times,
     entry_arrays,
     gc_paused,
-    validate_steps,
 )
 
 MAX_LINE_BYTES = 64 << 20  # the longest first line read to tell what a JSON-lines file holds
@@ -110,18 +115,40 @@ def _slots(fields: dict, path: str, offsets: np.ndarray) -> tuple[np.ndarray, li
     :func:`records.entry_arrays` numbers them)."""
     ids = fields.get("id")
     if ids is not None and pa.types.is_dictionary(ids.type) and pa.types.is_string(ids.type.value_type):
-        if ids.null_count == 0:  # the file's dictionary, renumbered by first appearance
-            first = pc.dictionary_encode(ids.indices)
-            names = ids.dictionary.take(first.dictionary).to_pylist()
+        if ids.null_count == 0:  # the file's dictionary, renumbered by first appearance (numpy only)
+            codes, slot = _by_first_appearance(as_numpy(ids.indices).astype(np.int64), len(ids.dictionary))
+            names = _strings_at(ids.dictionary, codes.tolist())
             if len(set(names)) == len(names):
-                return as_numpy(first.indices).astype(np.int64), names
+                return slot, names
         fields = {**fields, "id": ids.cast(pa.string())}
+    import pyarrow.compute as pc  # only here: its import costs ~0.08 s a process
+
     enc = pc.dictionary_encode(column(fields, "id", pa.string(), path, "request", offsets=offsets))
     return as_numpy(enc.indices).astype(np.int64), enc.dictionary.to_pylist()
 
 
-def _steps_from_table(table: pa.Table, path: str, prev: StepRecord | None) -> tuple[list[StepRecord], records.EntryArrays]:
-    """Records and entry columns of a table of steps, validated (``prev``: the step before them)."""
+def _by_first_appearance(codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The codes (in ``[0, k)``) used, in order of first appearance, and each value's rank in that order."""
+    n = len(codes)
+    if k <= 4 * n:  # each code's first position: the last write wins (work in n + k)
+        first = np.full(k, n)
+        first[codes[::-1]] = np.arange(n)[::-1]
+        used = np.flatnonzero(first < n)
+        used = used[np.argsort(first[used], kind="stable")]
+        rank = np.zeros(k, np.int64)
+        rank[used] = np.arange(len(used))
+        return used, rank[codes]
+    # a dictionary far larger than this batch (another writer's row groups): sort the batch instead
+    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(uniq), np.int64)
+    rank[order] = np.arange(len(uniq))
+    return uniq[order], rank[inverse]
+
+
+def _columns_from_table(table: pa.Table, path: str, prev: StepTimes | None) -> tuple[StepTimes, EntryArrays, list]:
+    """Step and entry columns of a table of steps, validated (``prev``: the step before them), without a
+    Python object per entry; and the optional columns (model; stratum, prompt, finished, output)."""
     n = table.num_rows
     cols = {name: one_chunk(table.column(name)) for name in table.schema.names}
     step = column(cols, "step", pa.int64(), path, "step")
@@ -134,31 +161,70 @@ def _steps_from_table(table: pa.Table, path: str, prev: StepRecord | None) -> tu
     if lists.null_count:
         raise InputError("step field 'requests' is null", path, int(np.argmin(valid(lists))) + 1)
     offsets = as_numpy(lists.offsets).astype(np.int64)
-    offsets = offsets - offsets[0]
-    flat = lists.flatten()
+    flat = lists.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))  # no list is null: flatten()
+    offsets = offsets - offsets[0]  # without its kernel (which loads pyarrow.compute: ~0.08 s a process)
     if flat.null_count:
         i = int(np.argmin(valid(flat)))
         raise InputError("a request entry is null", path, int(np.searchsorted(offsets, i, side="right")))
     fields = {f.name: a for f, a in zip(flat.type, flat.flatten())}
-    m = len(flat)
+    slot, slot_ids = _slots(fields, path, offsets)
+    ints = [as_numpy(column(fields, c, pa.int64(), path, "request", offsets=offsets))
+            for c in ("prefill_tokens", "decode_tokens", "context_tokens")]
+    opt = [column(fields, c, ENTRY_TYPE.field(c).type, path, "request", required=False)
+           for c in ("stratum", "prompt_tokens", "finished", "output_tokens")]
+    times = StepTimes(as_numpy(step).astype(float), as_numpy(t0), as_numpy(t1))
+    entries = EntryArrays(None, slot, slot_ids, *ints, offsets, meta=partial(_metadata, opt[0], opt[1], opt[3]))
+    lines = row_lines(n)
+    check_times(times, path, lines, prev)
+    check_entries(entries, path, lines)
+    return times, entries, [model, *opt]
+
+
+def _metadata(stratum: pa.Array | None, prompt: pa.Array | None, output: pa.Array | None,
+              idx: list[int]) -> tuple[list, list, list]:
+    """The optional fields of the entries ``idx`` (None where not given), read from the columns' buffers
+    (``pa.array`` of numpy would import pandas, and ``take`` costs a kernel launch each)."""
+    return _strings_at(stratum, idx), _ints_at(prompt, idx), _ints_at(output, idx)
+
+
+def _ints_at(arr: pa.Array | None, idx: list[int]) -> list:
+    if arr is None or arr.null_count == len(arr):
+        return [None] * len(idx)
+    out = as_numpy(arr)[idx].astype(object)
+    out[~valid(arr)[idx]] = None
+    return out.tolist()
+
+
+def _strings_at(arr: pa.Array | None, idx: list[int]) -> list:
+    if arr is None or arr.null_count == len(arr):
+        return [None] * len(idx)
+    ok = valid(arr)[idx].tolist()
+    offsets = np.frombuffer(arr.buffers()[1], np.int32, len(arr) + 1, arr.offset * 4)
+    data = arr.buffers()[2].to_pybytes() if arr.buffers()[2] is not None else b""
+    at = np.asarray(idx, dtype=np.int64)
+    starts, ends = offsets[at].tolist(), offsets[at + 1].tolist()
+    return [data[a:b].decode() if given else None for given, a, b in zip(ok, starts, ends)]
+
+
+def _steps_from_table(table: pa.Table, path: str, prev: StepRecord | None) -> tuple[list[StepRecord], EntryArrays]:
+    """Records and entry columns of a table of steps, validated (``prev``: the step before them)."""
+    times, entries, (model, *opt) = _columns_from_table(table, path, None if prev is None else StepTimes.of([prev]))
+    n, m = table.num_rows, len(entries.slot)
+    opt = list(zip(opt, (None, None, False, None)))
     with gc_paused():
-        slot, slot_ids = _slots(fields, path, offsets)
-        ints = [as_numpy(column(fields, c, pa.int64(), path, "request", offsets=offsets))
-                for c in ("prefill_tokens", "decode_tokens", "context_tokens")]
-        opt = [(column(fields, c, ENTRY_TYPE.field(c).type, path, "request", required=False), default)
-               for c, default in (("stratum", None), ("prompt_tokens", None), ("finished", False),
-                                  ("output_tokens", None))]
         while opt and all_default(*opt[-1]):  # trailing fields no entry gives stay at their defaults
             opt.pop()
-        values = [np.array(slot_ids, dtype=object)[slot].tolist(), *map(int_list, ints),
+        values = [np.array(entries.slot_ids, dtype=object)[entries.slot].tolist(),
+                  *map(int_list, (entries.prefill, entries.decode, entries.context)),
                   *(pylist(arr, m, default) for arr, default in opt)]
         reqs = list(map(RequestEntry, *values))
         del values  # freed now, not traversed by the collection that follows the pause
+        offsets = entries.offsets
         groups = list(map(reqs.__getitem__, map(slice, offsets[:-1].tolist(), offsets[1:].tolist())))
-        steps = list(map(StepRecord, as_numpy(step).tolist(), as_numpy(t0).tolist(), as_numpy(t1).tolist(),
-                         groups, pylist(model, n)))
-    entries = records.EntryArrays(reqs, slot, slot_ids, ints[0], ints[1], ints[2], offsets)
-    validate_steps(steps, path, row_lines(n), entries, prev=prev)
+        steps = list(map(StepRecord, times.step.astype(np.int64).tolist(), times.t_start.tolist(),
+                         times.t_end.tolist(), groups, pylist(model, n)))
+    entries.reqs = reqs
+    entries.meta = None
     return steps, entries
 
 
@@ -179,15 +245,21 @@ def load_steps_parquet(path: str | Path) -> StepTrace:
         offsets.append(e.offsets[1:] + offsets[-1][-1])
     cat = [np.concatenate([getattr(e, c) for _, e in chunks] or [np.zeros(0, np.int64)])
            for c in ("prefill", "decode", "context")]
-    entries = records.EntryArrays(reqs, np.concatenate(slots or [np.zeros(0, np.int64)]), list(index), *cat,
-                                  np.concatenate(offsets))
+    entries = EntryArrays(reqs, np.concatenate(slots or [np.zeros(0, np.int64)]), list(index), *cat,
+                          np.concatenate(offsets))
     return StepTrace(steps, entries, str(path), None)
 
 
 def iter_steps_parquet(path: str | Path, batch_steps: int = 1024,
-                       empty_ok: bool = False) -> Iterator[tuple[list[StepRecord], records.EntryArrays]]:
+                       empty_ok: bool = False) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
     """A steps Parquet file ``batch_steps`` rows at a time (at most a row group; bounded memory), as
     :func:`records.iter_step_chunks` reads JSON lines; errors name the file's row."""
+    yield from _iter_tables(path, batch_steps, empty_ok, _steps_from_table, lambda s: s[-1])
+
+
+def _iter_tables(path: str | Path, batch_steps: int, empty_ok: bool, convert, last) -> Iterator[tuple]:
+    """``convert(table, path, prev)`` over a steps file's rows, ``batch_steps`` at a time (``last``: what
+    the next batch is checked against, of a converted batch)."""
     path = str(path)
     f = parquet_file(path, (ID_PATH,))
     if (held := detect_kind_columns(f.schema_arrow, path)) != "steps":
@@ -198,17 +270,26 @@ def iter_steps_parquet(path: str | Path, batch_steps: int = 1024,
             table = arrow_call(lambda g=group: f.read_row_group(g), path)
             for start in range(0, table.num_rows, batch_steps):
                 try:
-                    steps, entries = _steps_from_table(table.slice(start, batch_steps), path, prev)
+                    out = convert(table.slice(start, batch_steps), path, prev)
                 except InputError as exc:
                     if exc.line is None:
                         raise
                     raise InputError(exc.reason, path, exc.line + row0 + start) from None
-                if steps:
-                    prev = steps[-1]
-                    yield steps, entries
+                if len(out[0]):
+                    prev = last(out[0])
+                    yield out
             row0 += table.num_rows
     if row0 == 0 and not empty_ok:
         raise InputError("no steps", path)
+
+
+def iter_step_columns_parquet(path: str | Path, batch_steps: int = 1024) -> Iterator[tuple[StepTimes, EntryArrays]]:
+    """A steps Parquet file as columns, ``batch_steps`` rows at a time (at most a row group; bounded
+    memory), validated as :func:`iter_steps_parquet` validates it, but with no Python object per entry
+    or step: what the offline attribution needs. Errors name the file's row."""
+    for times, entries, _ in _iter_tables(path, batch_steps, False, _columns_from_table,
+                                          lambda t: t.last()):
+        yield times, entries
 
 
 def read_energy_parquet(path: str | Path) -> list[EnergySample]:
@@ -241,7 +322,7 @@ def load_steps_any(path: str | Path) -> StepTrace:
     return load_steps_parquet(path) if is_parquet(path) else records.load_steps(path)
 
 
-def iter_step_chunks_any(path: str | Path) -> Iterator[tuple[list[StepRecord], records.EntryArrays]]:
+def iter_step_chunks_any(path: str | Path) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
     """steps.jsonl or steps.parquet a chunk at a time, by extension."""
     return iter_steps_parquet(path) if is_parquet(path) else records.iter_step_chunks(path)
 

@@ -87,9 +87,11 @@ def numbers_bad(num):
 
 def entries_bad(prefill, decode, context):
     """Entries with a token count below 0 or above MAX_TOKENS, or scheduling no token."""
-    p, d, c = (np.asarray(x, dtype=float) for x in (prefill, decode, context))
-    return ((p < 0) | (d < 0) | (c < 0) | (p + d == 0) | (p > MAX_TOKENS) | (d > MAX_TOKENS)
-            | (c > MAX_TOKENS))
+    p, d, c = (x if isinstance(x, np.ndarray) and x.dtype.kind == "i" else np.asarray(x, dtype=float)
+               for x in (prefill, decode, context))  # integer columns compared as they are (exact)
+    bad = (p < 0) | (d < 0) | (c < 0) | (p > MAX_TOKENS) | (d > MAX_TOKENS) | (c > MAX_TOKENS)
+    bad |= p + d == 0  # an integer sum that overflows has an addend out of range: already bad
+    return bad
 
 
 def explain_entry(rid: str, prefill: int, decode: int, context: int) -> str:

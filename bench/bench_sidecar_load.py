@@ -9,6 +9,9 @@ written to the ledger, and the accounting identity sent == accepted + counted lo
 
 Targets (issue 9): at 1x, CPU <= 50 % of one core, peak RSS <= 300 MB, nothing dropped; at 3x, RSS
 bounded and every loss counted. The sender runs in its own process (its CPU is not counted).
+``cpu_fraction_second_half``: the CPU of the run's second half alone (the online fit settles nothing
+before its warm-up and look-ahead, 30 s by default: run ``--duration-s 60`` or more to see the
+steady state, settlement included).
 """
 
 from __future__ import annotations
@@ -111,11 +114,14 @@ def run(rate: float, entries: int, duration_s: float, req_steps: int) -> dict:
     sc.start()
     proc = psutil.Process()
     rss = [proc.memory_info().rss]
+    cpu = []  # (time, process CPU seconds): the CPU of the second half of the run (settling included)
     stop = threading.Event()
 
     def sample():
         while not stop.wait(0.5):
             rss.append(proc.memory_info().rss)
+            c = proc.cpu_times()
+            cpu.append((time.monotonic(), c.user + c.system))
 
     threading.Thread(target=sample, daemon=True).start()
     q = mp.get_context("spawn").Queue()
@@ -128,6 +134,9 @@ def run(rate: float, entries: int, duration_s: float, req_steps: int) -> dict:
     t_send = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    t_end = time.monotonic()
+    half = [(t, c) for t, c in cpu if t0 + 0.5 * (t_end - t0) <= t <= t_end]
+    cpu_half = (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0]) if len(half) > 1 else float("nan")
     lag_max = 0.0
     deadline = time.monotonic() + 120  # drain what is queued
     while len(sc.queue) and time.monotonic() < deadline:
@@ -141,9 +150,10 @@ def run(rate: float, entries: int, duration_s: float, req_steps: int) -> dict:
     return {
         "rate_steps_per_s": rate, "entries": entries, "duration_s": duration_s,
         "steps_sent": result["steps_sent"], "achieved_rate": round(result["steps_sent"] / result["seconds"], 1),
-        "steps_accepted": snap.steps, "dropped": snap.dropped,
+        "steps_accepted": snap.steps, "dropped": snap.dropped, "sender_dropped": result["sender_dropped"],
         "sent_equals_accepted_plus_counted": result["steps_sent"] == snap.steps + counted,
-        "cpu_fraction_of_one_core": round(cpu_s / t_send, 3), "peak_rss_mb": round(max(rss) / 2**20, 1),
+        "cpu_fraction_of_one_core": round(cpu_s / t_send, 3), "cpu_fraction_second_half": round(cpu_half, 3),
+        "lag_max_s_after_send": round(lag_max, 2), "peak_rss_mb": round(max(rss) / 2**20, 1),
         "ledger_lines": len(rows), "final_lines": sum(r["status"] == "final" for r in rows),
         "incomplete_lines": sum(r["status"] == "incomplete" for r in rows),
         "requests_started": result["requests_started"], "internal_errors": snap.internal_errors,

@@ -145,7 +145,7 @@ class FakeAttributor:
                              output_tokens=q["ot"], flops=1.0, stratum=q["stratum"], source=self.source,
                              t_start=q["t0"], t_end=q["t1"], model=None, status=status)
 
-    def advance(self, now_s):
+    def advance(self, now_s, on_settled=None):
         if self.fail_advance:
             raise RuntimeError("advance bug")
         self._settle()

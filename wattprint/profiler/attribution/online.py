@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from wattprint.errors import InputError
 from wattprint.profiler.attribution.coefficients import Coefficients, prior_coefficients
-from wattprint.profiler.attribution.columns import StepColumns, columns_from_steps
+from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.devices import OnlineDevice
 from wattprint.profiler.attribution.features import FAR_PAST_S
+from wattprint.profiler.attribution.pending import (
+    Added,
+    Intake,
+    PendingSteps,
+    batch_columns,
+    classify,
+)
 from wattprint.profiler.attribution.provisional import predicted_parts
 from wattprint.profiler.attribution.settle import extrapolate_after, settle_device
 from wattprint.profiler.attribution.split import split_steps
-from wattprint.profiler.attribution.table import RequestTable, add_breakdowns, note_metadata
+from wattprint.profiler.attribution.table import RequestTable, add_breakdowns
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.hardware import HardwareProfile
@@ -25,11 +31,14 @@ from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading
 from wattprint.profiler.timeline.counter import publish_mode
 
+__all__ = ["Added", "OnlineAttributor"]
+
 
 class OnlineAttributor:
     """Streaming attribution with bounded memory: the fit/settle/split core of :func:`attribute`.
 
-    Feed steps (in order) with :meth:`add_step` and meter readings with :meth:`add_reading`; call
+    Feed steps (in order) with :meth:`add_steps` (a batch, as a message brings them) or :meth:`add_step`,
+    and meter readings with :meth:`add_reading`; call
     :meth:`advance` periodically. Blocks end at device 0's counter changes, at least ``window_s``
     apart (other devices' counters are interpolated there). A block is settled once every device's
     counter has changed past its end and every step that began before its end has arrived (or
@@ -59,14 +68,15 @@ class OnlineAttributor:
         self.warmup_s = warmup if coefficients is None else 0.0
         self._fitted_until: float | None = None
         self._fit_from: float | None = None
-        self._steps: list[StepRecord] = []
-        self._by_request: dict[str, deque[StepRecord]] = {}
-        self._last_step: StepRecord | None = None
+        self._pending = PendingSteps()  # steps not yet wholly settled, as columns
+        self._last: tuple[int, float] | None = None  # the last step accepted: (number, t_end)
+        self._first_t: float | None = None  # the earliest time held (first step's start or reading)
         self._received_until = -math.inf
         self._max_step_s = 0.0
         self._settled_until: float | None = None
         self._prev_end = -FAR_PAST_S  # end of the last step wholly settled
         self.table = RequestTable(IdealCost.of(geometry, profile, n_devices))
+        self._intake = Intake(self.table)
         self._emitted: set[int] = set()
         # coefficients: one per device, used as they are (no running fit), to compare with offline
         coefs = coefficients or [prior_coefficients(profile, n_devices)] * n_devices
@@ -79,45 +89,47 @@ class OnlineAttributor:
     # ---- input
     def add_step(self, step: StepRecord) -> None:
         """Add one step (in order). Raises :class:`InputError` for out-of-order or malformed steps."""
-        last = self._last_step
-        if last is not None and (step.step <= last.step or step.t_start < last.t_end - 1e-6):
-            raise InputError(f"step {step.step} arrived out of order (after step {last.step})")
-        if not step.t_end >= step.t_start:
-            raise InputError(f"step {step.step} ends before it starts")
-        if self._settled_until is not None and step.t_end <= self._settled_until:
-            self.late_steps += 1  # its time was already settled (as idle)
-            return
-        self._steps.append(step)
-        for r in step.requests:  # each request's unsettled steps, for provisional lookups
-            self._by_request.setdefault(r.id, deque()).append(step)
-        self._last_step = step
-        self._received_until = step.t_end
-        self._max_step_s = max(self._max_step_s, step.t_end - step.t_start)
-        t = self.table
-        slots = np.empty(len(step.requests), dtype=np.int64)
-        for i, r in enumerate(step.requests):
-            k = t.slots.get(r.id)
-            if k is None or k in self._emitted:  # new, or back after it was settled as stale: a new record
-                k = t.slots[r.id] = len(t.ids)
-                t.ids.append(r.id)
-            slots[i] = k
-            if r.finished:
-                t.finished.add(k)
-        note_metadata(t, step.requests, slots)
+        added = self.add_steps([step])
+        if added.invalid:
+            raise InputError(added.invalid[0][1])
+
+    def add_steps(self, steps: Sequence[StepRecord], stratum_of: Callable[[str], str] | None = None,
+                  entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Added:
+        """Add a batch of steps (in order, after those already added); the per-entry work is vectorised.
+        A step out of order or ending before it starts is rejected (and changes nothing); a step whose
+        time was already settled (as idle) is counted in ``late_steps`` and not attributed.
+        ``stratum_of`` normalises a stratum when a request's record takes it (default: as given);
+        ``entries``: the prefill, decode and context tokens of every entry of ``steps``, when the caller
+        extracted them already."""
+        added, last = classify(steps, self._last, self._settled_until)
+        self.late_steps += len(added.late)
+        if not added.accepted:
+            return added
+        t0, t1, counts, reqs, tokens = batch_columns(steps, added.accepted, entries)
+        seq = self._pending.next_seq + np.repeat(np.arange(len(t0)), counts)
+        self._pending.append(t0, t1, counts, self._intake.slots(reqs, np.repeat(t1, counts), stratum_of, seq), *tokens)
+        self._last = last
+        self._first_t = float(t0[0]) if self._first_t is None else self._first_t
+        self._received_until = float(t1[-1])
+        self._max_step_s = max(self._max_step_s, float((t1 - t0).max()))
+        return added
 
     def add_reading(self, reading: Reading) -> None:
         """Add one meter poll (cumulative joules per device)."""
         for d, e in enumerate(reading.energy_j[: self.n_dev]):
             self._dev[d].observe(reading.t_s, float(e))
+        if self._first_t is None:
+            self._first_t = reading.t_s
 
     # ---- output
-    def advance(self, now_s: float) -> list[RequestResult]:
-        """Fit every complete block, settle those the fit has looked past; return the finished requests
-        that became final."""
+    def advance(self, now_s: float, on_settled=None) -> list[RequestResult]:
+        """Fit every complete block, settle those the fit has looked past (``on_settled()`` after each);
+        return the finished requests that became final."""
         while self._fit_next(now_s):
             pass
         while self._settle_next(now_s):
-            pass
+            if on_settled is not None:
+                on_settled()
         out, self._pending_results = self._pending_results, []
         return out
 
@@ -128,8 +140,22 @@ class OnlineAttributor:
         return msgspec.convert(msgspec.to_builtins(self._totals), Totals)
 
     def lag_s(self, now_s: float) -> float:
-        """How far settlement trails ``now_s`` (seconds)."""
-        return now_s - self._settled_until if self._settled_until is not None else 0.0
+        """How far settlement trails ``now_s`` (seconds): from the last settled instant; before anything
+        is settled (the fit's warm-up), from the earliest time held (the first step's start or the first
+        reading); 0.0 while nothing was received."""
+        if self._settled_until is not None:
+            return now_s - self._settled_until
+        return now_s - self._first_t if self._first_t is not None else 0.0
+
+    @property
+    def settled_until_s(self) -> float | None:
+        """The last settled instant (None before the first settlement)."""
+        return self._settled_until
+
+    @property
+    def pending_steps(self) -> int:
+        """Steps held, not yet wholly settled."""
+        return len(self._pending)
 
     @property
     def coefficients(self) -> dict:
@@ -139,7 +165,7 @@ class OnlineAttributor:
 
     @property
     def active_requests(self) -> int:
-        return len(self.table.ids) - len(self._emitted)
+        return len(self.table.slots)
 
     def provisional(self, request_id: str) -> RequestResult | None:
         """A request not yet final (status ``provisional``): its settled part plus the fitted model's
@@ -148,10 +174,12 @@ class OnlineAttributor:
         if k is None or k in self._emitted:
             return None
         since = self._settled_until if self._settled_until is not None else -math.inf
-        pending = [s for s in self._by_request.get(request_id, ()) if s.t_end > since]
+        lo, hi = self._intake.seq[:, k].tolist()
+        steps = self._pending.steps_of(k, since, lo, hi)
         add = None
-        if pending:
-            add = predicted_parts(pending, k, self.g, self.table, [d.coef for d in self._dev], since)
+        if len(steps):
+            cols = self._pending.columns(steps, self.g, self.table.ids)
+            add = predicted_parts(cols, k, self.g, [d.coef for d in self._dev], since)
         return self.table.result(k, self.source, self.model, status="provisional", add=add)
 
     def finish(self) -> list[RequestResult]:
@@ -164,11 +192,11 @@ class OnlineAttributor:
             out += self.advance(math.inf)
         finally:
             self._flushing = False
-        if self._steps and self._settled_until is not None:
+        if len(self._pending) and self._settled_until is not None:
             self._extrapolate_tail(self._settled_until)
             out += self._pending_results
             self._pending_results = []
-        unsettled = {self.table.slots[r.id] for s in self._steps for r in s.requests}
+        unsettled = set(np.unique(self._pending.col("slot")).tolist())
         for k in range(len(self.table.ids)):
             if k not in self._emitted:
                 final = k in self.table.finished and k not in unsettled
@@ -177,8 +205,7 @@ class OnlineAttributor:
         return out
 
     def _extrapolate_tail(self, t_from: float) -> None:
-        cols = columns_from_steps(self._steps, self.g, self.table.slots, self.table.ids)
-        self.table.ensure(len(self.table.ids))
+        cols = self._pending.columns(np.arange(len(self._pending)), self.g, self.table.ids)
         parts = [extrapolate_after(cols, dev.coef, t_from) for dev in self._dev]
         tail, static = sum(p[0] for p in parts), sum(p[1] for p in parts)
         e_flop = sum(dev.coef.flop_energy_j(cols) for dev in self._dev)
@@ -217,11 +244,13 @@ class OnlineAttributor:
         if edges is None:
             return False
         start, end = edges
-        steps = [s for s in self._steps if s.t_start < end and s.t_end > start]
-        prev_end = max([self._prev_end] + [s.t_end for s in self._steps if s.t_end <= start])
-        if steps:
-            cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids)
-            self.table.ensure(len(self.table.ids))
+        p = self._pending
+        t0, t1 = p.col("t_start"), p.col("t_end")
+        steps = np.flatnonzero((t0 < end) & (t1 > start))
+        before = t1[t1 <= start]
+        prev_end = max(self._prev_end, float(before.max())) if len(before) else self._prev_end
+        if len(steps):
+            cols = p.columns(steps, self.g, self.table.ids)
             for dev in self._dev:
                 b_t, b_e = dev.boundaries_between(start, end)
                 dev.update_fit(cols, b_t, b_e, start, prev_end, self.half_life_s)
@@ -239,9 +268,8 @@ class OnlineAttributor:
                 self._fitted_until is None or self._fitted_until < end + self.lookahead_s
                 or self._fitted_until - self._fit_from < self.warmup_s):
             return False  # wait until the fit has seen the counter past this block
-        steps = [s for s in self._steps if s.t_start < end]
-        cols = columns_from_steps(steps, self.g, self.table.slots, self.table.ids) if steps else None
-        self.table.ensure(len(self.table.ids))
+        steps = np.flatnonzero(self._pending.col("t_start") < end)
+        cols = self._pending.columns(steps, self.g, self.table.ids) if len(steps) else None
         step_energy = np.zeros(len(steps))
         step_static = np.zeros(len(steps))
         e_flop = np.zeros(len(steps))
@@ -283,30 +311,25 @@ class OnlineAttributor:
         tot.steps += int(done.sum())
         if done.any():
             self._prev_end = max(self._prev_end, float(cols.t_end[done].max()))
-        for s in self._steps:
-            if s.t_end > end:
-                break
-            for r in s.requests:  # settled: no longer pending (each deque is in time order)
-                q = self._by_request.get(r.id)
-                if q and q[0] is s:
-                    q.popleft()
-                    if not q:
-                        del self._by_request[r.id]
-        self._steps = [s for s in self._steps if s.t_end > end]
-        live = {self.table.slots[r.id] for s in self._steps for r in s.requests}
-        done_ids = self.table.finished - live - self._emitted
-        t_last = self.table.col("t_end")
-        stale = {k for k in range(len(self.table.ids)) if k not in live and k not in self._emitted
-                 and t_last[k] < end - self.stale_after_s}
+        self._pending.drop_settled(end)
+        n = len(self.table.ids)
+        open_ = np.ones(n, dtype=bool)  # not emitted, and no step of it still held
+        open_[list(self._emitted)] = False
+        open_ &= self._intake.last_t[:n] <= end
+        done_ids = {k for k in self.table.finished if open_[k]}
+        stale = set(np.flatnonzero(open_ & (self.table.col("t_end")[:n] < end - self.stale_after_s)).tolist())
         for k in sorted(done_ids | stale):
             status = "final" if k in done_ids else "incomplete"  # stale: no finished flag ever came
             self._pending_results.append(self.table.result(k, self.source, self.model, status=status))
             self._emitted.add(k)
             tot.requests += 1
+        self._intake.forget(done_ids | stale)
         if len(self._emitted) > 256 and len(self._emitted) * 2 > len(self.table.ids):
             self._compact()
 
     def _compact(self) -> None:
         """Forget emitted requests (bounded memory)."""
+        keep = np.array([k for k in range(len(self.table.ids)) if k not in self._emitted], dtype=np.int64)
         self.table = self.table.without(self._emitted)
+        self._pending.remap(self._intake.compacted(self.table, keep))
         self._emitted = set()

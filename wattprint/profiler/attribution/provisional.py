@@ -9,19 +9,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from wattprint.profiler.attribution.coefficients import Coefficients
-from wattprint.profiler.attribution.columns import columns_from_steps
+from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.settle import extrapolate_after
 from wattprint.profiler.attribution.split import split_steps
-from wattprint.profiler.attribution.table import RequestTable
 from wattprint.profiler.core.costmodel import ModelGeometry
-from wattprint.profiler.core.records import StepRecord
 
 
-def predicted_parts(steps: Sequence[StepRecord], slot: int, g: ModelGeometry, table: RequestTable,
-                    coefs: Sequence[Coefficients], t_from: float) -> dict[str, float]:
+def predicted_parts(cols: StepColumns, slot: int, g: ModelGeometry, coefs: Sequence[Coefficients],
+                    t_from: float) -> dict[str, float]:
     """The table fields (energy_j, prefill_j, decode_j and the components) the model predicts for request
-    ``slot`` in the parts of ``steps`` after ``t_from``. Every id in ``steps`` must already be in ``table``."""
-    cols = columns_from_steps(list(steps), g, table.slots, table.ids)
+    ``slot`` in the parts of the steps ``cols`` (with every entry of those steps) after ``t_from``."""
     energy = np.zeros(len(cols.t_start))
     static = np.zeros(len(cols.t_start))
     for coef in coefs:

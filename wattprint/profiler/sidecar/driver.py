@@ -14,6 +14,11 @@
   before they arrived (the receiver's ``gap`` flag, step numbers that skip) mark the session's requests
   in flight; their results are emitted ``incomplete`` with ``missing`` saying what is missing.
 
+* Load: a message's accepted records go to the attributor at once (``add_steps``, with the token columns
+  the checks extracted), the per-entry work in C loops; Python work is per step and per new request.
+* History: the summed totals are kept by settled time (:meth:`AttributionDriver.totals_since`), so that a
+  window's figures (a workload without the server's start-up) can be read.
+
 Every method takes the sidecar's lock (``lock``, re-entrant) around the attributors; exceptions raised
 by an attributor are counted and logged through ``stats`` and never escape.
 """
@@ -25,6 +30,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import chain
+from operator import attrgetter
+
+import numpy as np
 
 from wattprint.errors import InputError
 from wattprint.profiler.core.hardware import HardwareProfile
@@ -35,11 +44,12 @@ from wattprint.profiler.sidecar.seating import Seating
 from wattprint.profiler.sidecar.sessions import EngineSession, HelloFile, ModelLabels
 from wattprint.profiler.sidecar.sinks import EngineResult, Sinks, StepObserver
 from wattprint.profiler.sidecar.stats import Counters
-from wattprint.profiler.sidecar.totals import add_totals, on_devices
+from wattprint.profiler.sidecar.totals import TotalsHistory, add_totals, on_devices
 from wattprint.profiler.transport import messages as transport
 
 __all__ = ["AttributionDriver", "add_totals"]
 log = logging.getLogger(__name__)
+_id = attrgetter("id")
 
 
 class AttributionDriver(Seating):
@@ -69,6 +79,7 @@ class AttributionDriver(Seating):
         self.steps = self.hellos = 0
         self.lag_s: float | None = None
         self._outbox: list[RequestResult] = []  # published, not yet handed to the blocking sinks
+        self.history = TotalsHistory()  # the summed totals by settled time (totals_since)
 
     # ---------------------------------------------------------------------------------- input
     def on_steps(self, msg: transport.Steps, gap: bool = False) -> None:
@@ -87,8 +98,8 @@ class AttributionDriver(Seating):
                 return
             s.last_seen = time.monotonic()
             prev = s.prev
-            accepted, rejected, s.prev = check_records(msg.records, prev, self.clock(), max_age_s=self.max_age_s,
-                                                       max_ahead_s=self.max_ahead_s)
+            accepted, rejected, s.prev, entries = check_records(msg.records, prev, self.clock(),
+                                                                max_age_s=self.max_age_s, max_ahead_s=self.max_ahead_s)
             for kind, problem, step in rejected:
                 self._stats.count_drop(kind)
                 self._stats.warn(kind, "step %s rejected: %s", step, problem)
@@ -99,8 +110,55 @@ class AttributionDriver(Seating):
             if s.attributor is None or s.geometry is None:
                 self._stats.count_drop("no_device" if s.geometry is not None else "unsupported_model", len(accepted))
                 return
-            for rec in accepted:
-                self._add_step(s, rec)
+            if not accepted:
+                return
+            if callable(getattr(s.attributor, "add_steps", None)):
+                self._add_batch(s, accepted, entries)
+            else:  # an attributor that takes steps one by one
+                for rec in accepted:
+                    self._add_step(s, rec)
+
+    def _add_batch(self, s: EngineSession, recs: list, entries=None) -> None:
+        """A message's accepted records to the session's attributor at once (per-entry work in C loops;
+        Python work per new request). Strata are normalised when a request's record takes one."""
+        reqs = list(chain.from_iterable(r.requests for r in recs))
+        ids = list(map(_id, reqs))
+        known = np.fromiter(map(s.live.__contains__, ids), bool, len(ids))
+        if not known.all():
+            seen: set[str] = set()
+            new = []
+            for i in np.flatnonzero(~known).tolist():
+                if ids[i] not in seen:
+                    seen.add(ids[i])
+                    new.append(reqs[i])
+            s.note_new(new)
+            if self._requests is not None:
+                self._requests.note_new(s.key, new)
+        try:
+            added = s.attributor.add_steps(recs, stratum_of=self.strata, entries=entries)
+        except Exception:  # noqa: BLE001
+            self._stats.count_drop("internal_error", len(recs))
+            self._stats.fail("step", "attributor failed on steps %s-%s", recs[0].step, recs[-1].step)
+            s.note_gap()
+            return
+        for i, problem in added.invalid:
+            self._stats.count_drop("invalid_order")
+            self._stats.warn("invalid", "step %s rejected: %s", recs[i].step, problem)
+        if added.invalid:
+            s.note_gap()
+        if added.late:  # their time was already settled (as idle)
+            self._stats.count_drop("late", len(added.late))
+            for i in added.late:
+                for e in recs[i].requests:
+                    s.missing.setdefault(e.id, "steps")
+        self.steps += len(added.accepted)
+        s.steps += len(added.accepted)
+        for obs in self._observers:
+            for i in added.accepted:
+                try:
+                    obs.observe_step(recs[i], s.geometry)
+                except Exception:  # noqa: BLE001
+                    self._stats.fail(obs.where, "%s failed on step %s", type(obs).__name__, recs[i].step)
 
     def _add_step(self, s: EngineSession, rec) -> None:
         att, live, strata = s.attributor, s.live, self.strata
@@ -171,14 +229,40 @@ class AttributionDriver(Seating):
                 if att is None:
                     continue
                 try:
-                    results = att.advance(until)
+                    results = att.advance(until, self._note_history)
                     lags.append(float(att.lag_s(now_s)))
                 except Exception:  # noqa: BLE001
                     self._stats.fail("advance", "attribution advance failed")
                     continue
                 self._publish(s, results)
             self.lag_s = max(lags) if lags else None
+            self._note_history()
         self.flush()
+
+    def _note_history(self) -> None:
+        """Add the summed totals to the history when every settling session has settled further."""
+        ends = [t for t in (getattr(s.attributor, "settled_until_s", None) for s in self.sessions.values())
+                if t is not None]
+        if not ends or (len(self.history) and min(ends) <= self.history.last_t_s):
+            return
+        model_totals, _ = self.totals()
+        tots = list(model_totals.values())
+        total = tots[0]
+        for t in tots[1:]:
+            total = add_totals(total, t)
+        self.history.note(min(ends), total, total.t_start)
+
+    def totals_since(self, t_s: float) -> dict[str, float] | None:
+        """The summed totals of every engine (measured, attributed, idle, extrapolated, prefill, decode,
+        KV and the components' joules, requests, steps) settled after ``t_s``: the latest totals minus
+        those settled up to ``t_s``, for a window without the server's start-up. The history keeps a
+        point at each settlement (time: the earliest settled-until of the engines' attributors, so that
+        every part of a point is settled that far), at most 4,096 of them; between two points the totals
+        are interpolated linearly; before the first point they are 0; a ``t_s`` older than the oldest
+        point kept counts from that point. ``t_from_s``/``t_to_s`` give the span covered. None before
+        the first settlement. See :meth:`TotalsHistory.since`."""
+        with self.lock:
+            return self.history.since(t_s)
 
     def retire_exited(self) -> None:
         """Retire the sessions whose engine process has exited (their devices are freed)."""

@@ -3,7 +3,8 @@
 normalised to the configured set, Hellos checked.
 
 :func:`check_records` takes the records of one message and the last step the session accepted, and
-returns the records to attribute and the rejected ones with the kind they are counted under
+returns the records to attribute (with their entries' token columns, extracted once for the check and
+the attribution) and the rejected ones with the kind they are counted under
 (``wattprint_dropped_records_total{reason}``). A rejected record never becomes "the previous step":
 the order check of the next record is against the last accepted one.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from itertools import chain
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from wattprint.profiler.transport import messages as transport
 
 _pre, _dec, _ctx = attrgetter("prefill_tokens"), attrgetter("decode_tokens"), attrgetter("context_tokens")
 _prompt, _out, _id = attrgetter("prompt_tokens"), attrgetter("output_tokens"), attrgetter("id")
+_reqs = attrgetter("requests")
 _t0, _t1, _num = attrgetter("t_start"), attrgetter("t_end"), attrgetter("step")
 _MAX_CONFIG_KEYS = 4096
 MAX_TP = 1024
@@ -44,16 +47,31 @@ class Strata:
         return s
 
 
-def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s: float) -> list:
-    """Per record: None, or (kind, message) for the checks that do not depend on the previous step."""
+class Checked(NamedTuple):
+    """What :func:`check_records` found: the records to attribute, the rejected ones as (kind, message,
+    step), the new previous (step, t_end), and the prefill, decode and context tokens of the accepted
+    records' entries (int64 columns, entries in order)."""
+
+    accepted: list
+    rejected: list
+    prev: tuple[int, float] | None
+    entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+
+
+def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s: float) -> tuple:
+    """Per record: None, or (kind, message) for the checks that do not depend on the previous step; and
+    the token columns of the entries of the records that passed the size and time checks (``ok``)."""
     n = len(records)
     out: list = [None] * n
-    lens = [len(r.requests) for r in records]
-    for i, r in enumerate(records):
-        longest = max(map(len, map(_id, r.requests)), default=0)
-        problem = rule.size_problem(lens[i], longest)
-        if problem:
-            out[i] = ("invalid_size", problem)
+    lens = np.fromiter(map(len, map(_reqs, records)), np.int64, n)
+    id_lens = np.fromiter(map(len, map(_id, chain.from_iterable(map(_reqs, records)))), np.int64, int(lens.sum()))
+    starts = np.cumsum(lens) - lens
+    longest = np.zeros(n, np.int64)
+    has = lens > 0
+    if has.any():
+        longest[has] = np.maximum.reduceat(id_lens, starts[has])
+    for i in np.flatnonzero((lens > rule.MAX_ENTRIES) | (longest > rule.MAX_ID_CHARS)).tolist():
+        out[i] = ("invalid_size", rule.size_problem(int(lens[i]), int(longest[i])))
     t0 = np.fromiter(map(_t0, records), float, n)
     t1 = np.fromiter(map(_t1, records), float, n)
     num = np.array([float(min(x, 1 << 62)) for x in map(_num, records)])
@@ -71,7 +89,7 @@ def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s:
                 out[i] = ("invalid_size", f"step number {records[i].step} out of range")
     ok = [i for i in range(n) if out[i] is None]
     if not ok:
-        return out
+        return out, None, ok, lens
     reqs = list(chain.from_iterable(records[i].requests for i in ok))
     m = len(reqs)
     try:
@@ -92,25 +110,30 @@ def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s:
                 r = records[i].requests
                 if out[i] is None and rule.optional_counts_bad(chain(map(_prompt, r), map(_out, r))):
                     out[i] = ("invalid_tokens", "a prompt or output token count out of range")
-    return out
+    return out, cols, ok, lens
 
 
 def check_records(records: list, prev: tuple[int, float] | None, now_s: float, *, max_age_s: float,
-                  max_ahead_s: float) -> tuple[list, list, tuple[int, float] | None]:
-    """(accepted records, [(kind, message, step)] rejected, the new previous (step, t_end))."""
+                  max_ahead_s: float) -> Checked:
+    """Check the records of one message (see :class:`Checked`)."""
     if not records:
-        return [], [], prev
-    problems = _record_problems(records, now_s, max_age_s, max_ahead_s)
-    accepted, rejected = [], []
-    for rec, problem in zip(records, problems):
+        return Checked([], [], prev, None)
+    problems, cols, ok, lens = _record_problems(records, now_s, max_age_s, max_ahead_s)
+    accepted, rejected, keep = [], [], np.zeros(len(records), dtype=bool)
+    for i, (rec, problem) in enumerate(zip(records, problems)):
         if problem is None and prev is not None and rule.order_bad(prev[0], prev[1], rec.step, rec.t_start):
             problem = ("invalid_order", rule.explain_order(prev[0], prev[1], rec.step, rec.t_start))
         if problem is not None:
             rejected.append((problem[0], problem[1], rec.step))
             continue
         accepted.append(rec)
+        keep[i] = True
         prev = (rec.step, rec.t_end)
-    return accepted, rejected, prev
+    entries = None
+    if cols is not None and accepted:
+        mask = np.repeat(keep[ok], lens[ok])
+        entries = tuple((c if mask.all() else c[mask]).astype(np.int64) for c in cols)
+    return Checked(accepted, rejected, prev, entries)
 
 
 def hello_problem(hello: transport.Hello, n_devices: int) -> str | None:

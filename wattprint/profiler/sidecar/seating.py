@@ -9,12 +9,21 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
+
 from wattprint.profiler.sidecar.ingest import hello_problem
 from wattprint.profiler.sidecar.sessions import EngineSession
 from wattprint.profiler.sidecar.totals import add_totals, on_devices
 from wattprint.profiler.transport import messages as transport
 
 log = logging.getLogger("wattprint.profiler.sidecar.driver")
+
+
+def counts_gpus(source: str) -> bool:
+    """Whether a meter's device indices are GPUs (NVML, the simulated GPU, or a replay of either): only
+    then do the CUDA device indices a Hello names mean anything to it."""
+    base = source.split(":", 1)[-1] if source.startswith("replay:") else source
+    return base == "nvml" or base.startswith("simulated")
 
 
 class Seating:
@@ -33,6 +42,8 @@ class Seating:
         return next(reversed(self.saved.values()), None) if self.saved else None
 
     def on_hello(self, hello: transport.Hello) -> None:
+        if hello.devices is not None and not counts_gpus(self.source):
+            hello = msgspec.structs.replace(hello, devices=None)  # GPU indices, a meter of CPU packages
         problem = hello_problem(hello, self.n_devices)
         if problem is not None:
             self._stats.count_drop("invalid_hello")

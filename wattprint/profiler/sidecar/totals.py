@@ -1,7 +1,12 @@
 """Cumulative totals of the sidecar's attributors: summed (an engine's attributor ends, its model's totals
-carry on) and placed on the meter's device indices (each attributor sees only its session's devices)."""
+carry on) and placed on the meter's device indices (each attributor sees only its session's devices); and
+a bounded history of them by settled time (:class:`TotalsHistory`), for the figures of a recent window."""
 
 from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
 
 from wattprint.profiler.core.results import Totals
 
@@ -68,3 +73,74 @@ def on_devices(t: Totals, devices: tuple[int, ...], n_devices: int) -> Totals:
             dev[d] += t.device_measured_j[i]
     t.device_measured_j = dev
     return t
+
+
+#: the figures :class:`TotalsHistory` keeps at each settlement
+HISTORY_FIELDS = ("measured_j", "attributed_j", "idle_j", "extrapolated_j", "prefill_j", "decode_j", "kv_j",
+                  "compute_j", "weights_j", "static_j", "requests", "steps")
+
+
+class TotalsHistory:
+    """A bounded, time-indexed history of settled totals: at each settlement, (settled-until time, the
+    cumulative figures of :data:`HISTORY_FIELDS`). The oldest points go first once ``capacity`` are kept."""
+
+    def __init__(self, capacity: int = 4096):
+        self._t: deque[float] = deque(maxlen=capacity)
+        self._v: deque[tuple[float, ...]] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    @property
+    def last_t_s(self) -> float | None:
+        return self._t[-1] if self._t else None
+
+    def note(self, t_s: float, totals: Totals, t_start_s: float | None = None) -> None:
+        """Record the cumulative ``totals`` settled up to ``t_s`` (ignored unless ``t_s`` is later than the
+        last point). The first point is preceded by a zero point at ``t_start_s`` (when totals began)."""
+        if self._t and t_s <= self._t[-1]:
+            return
+        if not self._t and t_start_s is not None and t_start_s < t_s:
+            self._t.append(t_start_s)
+            self._v.append((0.0,) * len(HISTORY_FIELDS))
+        self._t.append(t_s)
+        self._v.append(tuple(float(getattr(totals, f)) for f in HISTORY_FIELDS))
+
+    def point_at_or_before(self, t_s: float) -> float | None:
+        """The time of the latest point not after ``t_s`` (None if there is none): a window that starts
+        there is an exact difference of settled totals, with nothing interpolated."""
+        best = None
+        for t in self._t:
+            if t > t_s:
+                break
+            best = t
+        return best
+
+    def since(self, t_s: float) -> dict[str, float] | None:
+        """The latest totals minus those settled up to ``t_s``: the figures of ``[t_s, latest]``.
+
+        The totals at ``t_s`` are interpolated linearly between the two points around it; before the
+        first point they are 0 (nothing was settled then); after the latest, the difference is 0. When
+        ``t_s`` is older than the oldest point still kept (the history is bounded), the difference is
+        taken from that oldest point, and ``t_from_s`` says so. Returns the fields of
+        :data:`HISTORY_FIELDS` plus ``t_from_s`` and ``t_to_s`` (the span covered); None before the first
+        settlement."""
+        if not self._t:
+            return None
+        t = np.fromiter(self._t, float, len(self._t))
+        v = np.array(self._v)
+        latest = v[-1]
+        if t_s >= t[-1]:
+            base, t_from = latest, float(t[-1])
+        elif t_s < t[0]:
+            truncated = len(self._t) == self._t.maxlen
+            base = v[0] if truncated else np.zeros(len(HISTORY_FIELDS))
+            t_from = float(t[0]) if truncated else t_s
+        else:
+            i = int(np.searchsorted(t, t_s, side="right")) - 1
+            w = (t_s - t[i]) / (t[i + 1] - t[i]) if i + 1 < len(t) else 0.0
+            base = v[i] + w * (v[min(i + 1, len(t) - 1)] - v[i])
+            t_from = t_s
+        out = {f: float(x) for f, x in zip(HISTORY_FIELDS, latest - base)}
+        out["t_from_s"], out["t_to_s"] = t_from, float(t[-1])
+        return out

@@ -61,13 +61,13 @@ class Wire:
             self.mon = None
         self.ctx, self.sock = ctx, sock
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = LINGER_MS) -> None:
         sock, ctx, mon = self.sock, self.ctx, self.mon
         self.ctx = self.sock = self.mon = None
         if mon is not None:
             mon.close(linger=0)
         if sock is not None:
-            sock.close(linger=LINGER_MS)
+            sock.close(linger=linger_ms)
         if ctx is not None:
             ctx.term()
 
@@ -121,6 +121,7 @@ class Sender:
         self.dropped = 0  # records the wire dropped (ZeroMQ queue full)
         self.queue_dropped = 0  # records lost before the wire (caller's or sender's queue full)
         self.on_error: Callable[[BaseException], None] | None = None  # errors of the sending thread
+        self.reported = 0  # the drop count the last message the wire took carried
 
     def dropped_total(self) -> int:
         return self.dropped + self.queue_dropped
@@ -146,9 +147,27 @@ class Sender:
         return data
 
     def _send_records(self, records: list) -> None:
-        data = messages.encode(messages.Steps(self.pid, records, self.dropped + self.queue_dropped, self.session))
-        if not self.wire.send(data):
+        total = self.dropped + self.queue_dropped
+        data = messages.encode(messages.Steps(self.pid, records, total, self.session))
+        if self.wire.send(data):
+            self.reported = total
+        else:
             self.dropped += len(records)
+
+    def _close_wire(self, timeout_s: float) -> None:
+        """At shutdown (never on the step path): when records were dropped since the last message the
+        wire took, send their count in a last, empty Steps message (retried until ``timeout_s``), so
+        that nothing is lost uncounted; then close, letting ZeroMQ flush for what is left of ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.wire.sock is not None and self.dropped + self.queue_dropped > self.reported:
+            total = self.dropped + self.queue_dropped
+            if self.wire.send(messages.encode(messages.Steps(self.pid, [], total, self.session))):
+                self.reported = total
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        self.wire.close(max(LINGER_MS, int(1000 * (deadline - time.monotonic()))))
 
 
 class DirectSender(Sender):
@@ -190,7 +209,7 @@ class DirectSender(Sender):
     def close(self, timeout_s: float = 0.3) -> None:
         if self.batch:
             self.flush(time.monotonic())
-        self.wire.close()
+        self._close_wire(timeout_s)
 
     def after_fork_in_child(self) -> None:
         super().after_fork_in_child()
@@ -236,7 +255,7 @@ class ThreadSender(Sender):
             t.join(timeout_s)
             if t.is_alive():
                 return  # still sending: leave its socket alone
-        self.wire.close()
+        self._close_wire(timeout_s)
 
     def after_fork_in_child(self) -> None:
         super().after_fork_in_child()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 from datetime import date
 
 import numpy as np
@@ -55,22 +54,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", type=float, nargs="+", default=[0.2, 1.0, 5.0, 15.0, 30.0])
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--model", default="llama-3.1-8b", help="a model config in configs/models (name)")
+    ap.add_argument("--hardware", default="h100-sxm", help="the twin's and the prior's hardware profile")
+    ap.add_argument("--devices", type=int, default=1, help="tensor-parallel devices")
     args = ap.parse_args()
-    g = geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
-    hw = load_profile("h100-sxm")
+    g = geometry_from_config(config_dir() / "models" / f"{args.model}.json")
+    hw = load_profile(args.hardware)
     print(f"## Offline vs online accuracy ({date.today()}, {platform.processor() or platform.machine()})\n")
     print(f"`.venv/bin/python bench/bench_online.py --rates {' '.join(map(str, args.rates))} "
-          f"--seeds {args.seeds} --requests {args.requests}`\n")
+          f"--seeds {args.seeds} --first-seed {args.first_seed} --requests {args.requests} --model {args.model} "
+          f"--hardware {args.hardware} --devices {args.devices}`\n")
     print("| rate (req/s) | seed | driver | request err median | p95 | prefill total | decode total | "
           "KV (v2) median | idle | conservation |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     worst = {"offline": {}, "online": {}}
     for rate in args.rates:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             n = max(20, min(args.requests, int(rate * 60)))
             spec = WorkloadSpec(requests=n, rate_rps=rate, seed=1000 + seed, busy_s=40, quiet_s=4)
-            sim = simulate(g, hw, spec)
+            sim = simulate(g, hw, spec, n_devices=args.devices)
             t0 = sim.steps[0].t_start
             energy = [e for e in sim.energy if e.t >= t0 - 0.01]  # recording starts with the workload
             t_end = max(e.t for e in energy)
@@ -89,7 +93,6 @@ def main() -> None:
         print(f"| **worst** | | {name} | {100 * w['median']:.2f} % | {100 * w['p95']:.2f} % | "
               f"{100 * w['prefill']:.2f} % | {100 * w['decode']:.2f} % | {100 * w['kv']:.2f} % | "
               f"{100 * w['idle']:.1f} % | {w['cons']:.1e} |")
-    _ = statistics
 
 
 if __name__ == "__main__":

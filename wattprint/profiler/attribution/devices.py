@@ -10,10 +10,12 @@ from wattprint.profiler.attribution.fit import (
     TAU_GRID_S,
     NormalEquations,
     fit_report,
-    interval_design,
+    fit_rows,
+    noise_j2,
+    posterior,
+    prior_mean,
     prior_precision,
     rss,
-    solve,
 )
 from wattprint.profiler.timeline.counter import CounterTrack
 
@@ -27,8 +29,11 @@ class OnlineDevice:
         self.track = CounterTrack(publish)
         self.b_t: list[float] = []  # estimated publish times of the counter's changes
         self.b_e: list[float] = []  # stitched cumulative joules there
-        self._prior = coef.theta
+        self._prior = prior_mean(coef)
+        self._prior_coef = coef.with_theta(self._prior)
+        self._first_block = True
         self._lam = prior_precision(coef)
+        self._noise2 = noise_j2(coef)
         #: one set of sufficient statistics per idle-decay time constant: tau is fitted online too
         self._ne = {tau: NormalEquations() for tau in TAU_GRID_S}
         self.report: dict = {"fitted": [], "from_profile": list(COEF_NAMES)}
@@ -70,17 +75,22 @@ class OnlineDevice:
         and re-solve for every grid time constant; keep the one with the least residual."""
         if not self.fit or len(b_t) < 3:
             return
+        # a step counts as capped (its energy known: tdp·dt) only if the running fit and the profile both
+        # put it over the cap: a fit that overshoots would otherwise take the steps that could correct it
+        # out of the regression, and never come back
         _, capped = self.coef.step_energy(cols)
+        capped &= self._prior_coef.step_energy(cols)[1]
         decay = 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s)
         for tau, ne in self._ne.items():
-            X, y = interval_design(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end,
-                                   capped)
+            X, y = fit_rows(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end, capped,
+                            first_is_sample=self._first_block)
             ne.add(X, y, decay)
+        self._first_block = False  # its first boundary was the first sample, not a change (see fit_rows)
         if next(iter(self._ne.values())).n < 20:
             return
         best = None
         for tau, ne in self._ne.items():
-            theta = solve(ne, self._prior, self._lam)
+            theta = posterior(ne, self._prior, self._lam, self._noise2)
             r = rss(ne, theta)
             if best is None or r < best[0]:
                 best = (r, theta, tau, ne)

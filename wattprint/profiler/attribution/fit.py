@@ -36,29 +36,64 @@ class NormalEquations:
 PRIOR_REL_SIGMA = np.array([0.25, 0.5, 0.5, 0.5, 0.25, 0.5])
 #: floors of those sigmas (W, J/FLOP, J/FLOP, J/B, W, W), for a profile value of 0
 PRIOR_SIGMA_FLOOR = np.array([1.0, 1e-16, 1e-16, 1e-14, 1.0, 1.0])
-#: a regression row's energy is uncertain by about this long at TDP (the publish-time error of the
-#: counter's changes at either end of the row)
+#: the physics that ties the idle decay to static power: when a step ends, the device is still clocked
+#: up and draws its static power, which then decays to idle, so ``idle_decay_power_w ≈ static_power_w -
+#: idle_power_w``; stated uncertainty of that relation (1 sigma, relative to static power). With it, the
+#: decay after busy periods (measured at idle power's low noise) informs static power, which busy
+#: memory-bound steps alone cannot separate from energy per byte (both grow with the bytes moved).
+DECAY_TIE_REL_SIGMA = 0.1
+_TIE = np.array([1.0, 0.0, 0.0, 0.0, -1.0, -1.0])  # static - idle - decay
+#: the publish-time error of a counter change (s): a regression row's energy is uncertain by this long
+#: at the power drawn around each of its two ends (the prior's weights are stated at TDP)
 ROW_NOISE_S = 0.01
-#: a light ridge relative to the data itself, for directions the data barely separates (nearly
-#: collinear columns: static power and weight bytes both grow with busy time)
+#: bounds of the residuals' variance relative to the stated noise (see :func:`posterior`)
+NOISE_SCALE_MIN, NOISE_SCALE_MAX = 0.25, 16.0
+#: a row's ends are weighted as if the power there were at least this fraction of TDP (quantisation,
+#: model error: an idle interval is not infinitely informative)
+ROW_POWER_FLOOR = 0.1
+#: counter intervals on either side of a boundary whose highest power stands for the power around it
+ENVELOPE = 2
+#: a light ridge relative to the data itself, on static power and energy per byte only: busy
+#: memory-bound steps cannot separate them (a step's duration grows with its bytes), and noise along
+#: that direction would otherwise decide the KV column. Not on the energy per FLOP and its utilisation
+#: slope: the profile states one figure and no slope (the prior's 0 is ignorance, not a value), and a
+#: relative ridge there outweighs the data and drags the fit to the profile's split, which static
+#: power and energy per byte then compensate (static +12 % on a noiseless A100 twin trace)
 RELATIVE_RIDGE = 1e-3
+_RELATIVE_RIDGE_ON = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
 
 
 def prior_precision(prior: Coefficients) -> np.ndarray:
-    """Ridge weights that make the fit a posterior with the hardware profile as an absolute prior:
-    ``noise² / sigma²`` per coefficient, in the regression's units."""
+    """Ridge weights (a 6×6 matrix) that make the fit a posterior with the hardware profile as an
+    absolute prior: ``noise² / sigma²`` per coefficient, in the regression's units, plus
+    the decay tie."""
     theta = prior.theta
     scale = np.abs(theta)
     scale[_FU] = abs(theta[_F])
     sigma = np.maximum(PRIOR_REL_SIGMA * scale, PRIOR_SIGMA_FLOOR)
-    return (prior.tdp_w * ROW_NOISE_S) ** 2 / sigma**2
+    noise2 = noise_j2(prior)
+    tie_sigma = max(DECAY_TIE_REL_SIGMA * abs(theta[0]), PRIOR_SIGMA_FLOOR[0])
+    return np.diag(noise2 / sigma**2) + noise2 / tie_sigma**2 * np.outer(_TIE, _TIE)
+
+
+def noise_j2(prior: Coefficients) -> float:
+    """The rows' noise (J², at TDP) that :func:`prior_precision` states the prior against."""
+    return (prior.tdp_w * ROW_NOISE_S) ** 2
+
+
+def prior_mean(prior: Coefficients) -> np.ndarray:
+    """The profile's coefficients, with the idle decay as the tie says (static − idle, at least 0)."""
+    theta = prior.theta
+    theta[5] = max(theta[0] - theta[4], 0.0)
+    return theta
 
 
 def identified(ne: NormalEquations, lam: np.ndarray) -> np.ndarray:
     """Which coefficients the data determined: the prior's weight in each estimate
     (``diag((XᵀX + Λ)⁻¹ Λ)``) is below one half."""
+    lam = np.diag(lam) if lam.ndim == 1 else lam
     try:
-        shrink = np.diag(np.linalg.solve(ne.xtx + np.diag(lam), np.diag(lam)))
+        shrink = np.diag(np.linalg.solve(ne.xtx + lam, lam))
     except np.linalg.LinAlgError:
         return np.zeros(len(lam), dtype=bool)
     return shrink < 0.5
@@ -75,18 +110,33 @@ def rss(ne: NormalEquations, theta: np.ndarray) -> float:
     return float(ne.yty - 2.0 * theta @ ne.xty + theta @ ne.xtx @ theta)
 
 
+def posterior(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray, noise2: float) -> np.ndarray:
+    """:func:`solve` with the prior weighed against the noise the rows actually show: ``lam`` is stated
+    for rows uncertain by ``noise2`` (J², see :func:`prior_precision`); the residuals' variance replaces
+    it (a meter polled more coarsely, or a noisier board, leaves more to the profile)."""
+    theta = solve(ne, prior, lam)
+    dof = ne.n - len(prior)
+    if dof < len(prior):
+        return theta
+    scale = float(np.clip(rss(ne, theta) / dof / noise2, NOISE_SCALE_MIN, NOISE_SCALE_MAX))
+    return solve(ne, prior, lam * scale)
+
+
 def solve(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """Ridge toward the prior (weights ``lam``, see :func:`prior_precision`) under physical constraints
     (an active set): every coefficient >= 0 but the utilisation slope, which may be negative only as far
     as ``e_f + e_fu·u >= 0`` for every utilisation ``u`` in [0, 1]."""
-    lam = lam + RELATIVE_RIDGE * np.diag(ne.xtx) + 1e-300
-    free = np.ones(6, dtype=bool)
+    lam = np.diag(lam) if lam.ndim == 1 else lam
+    lam = lam + np.diag(RELATIVE_RIDGE * _RELATIVE_RIDGE_ON * np.diag(ne.xtx) + 1e-300)
+    H = ne.xtx + lam
+    g = ne.xty + lam @ prior
+    free = np.ones(len(prior), dtype=bool)
     theta = prior.copy()
     for _ in range(8):
         idx = np.flatnonzero(free)
-        A = ne.xtx[np.ix_(idx, idx)] + np.diag(lam[idx])
         fixed = ~free
-        b = ne.xty[idx] + lam[idx] * prior[idx] - ne.xtx[np.ix_(idx, np.flatnonzero(fixed))] @ theta[fixed]
+        A = H[np.ix_(idx, idx)]
+        b = g[idx] - H[np.ix_(idx, np.flatnonzero(fixed))] @ theta[fixed]
         try:
             sol = np.linalg.solve(A, b)
         except np.linalg.LinAlgError:
@@ -107,6 +157,37 @@ def solve(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray) -> np.ndarray
     return theta
 
 
+def row_weights(b_t: np.ndarray, b_e: np.ndarray, lag: int, tdp_w: float) -> np.ndarray:
+    """Each regression row's weight: its energy is uncertain by the publish-time error times the power
+    drawn around each of its two ends, so rows ending in idle periods (a tenth of TDP) tell ~50× more
+    than rows ending in busy ones; relative to a row whose ends are both at TDP (the prior's scale).
+
+    The power around a boundary is the highest of the ``ENVELOPE`` counter intervals on either side:
+    where power changes (a busy period ends), what the device drew in the first tens of milliseconds
+    after it (a fast tail no 100 ms counter resolves) is not known better than the busy power."""
+    n = len(b_t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_int = np.diff(b_e) / np.diff(b_t)  # each interval's mean power
+    p_int = np.nan_to_num(p_int, nan=tdp_w, posinf=tdp_w, neginf=0.0)
+    padded = np.concatenate([np.full(ENVELOPE, -np.inf), p_int, np.full(ENVELOPE, -np.inf)])
+    # boundary k sits between intervals k-1 and k: the envelope over intervals k-ENVELOPE .. k+ENVELOPE-1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * ENVELOPE)[:n]
+    p = windows.max(axis=1) if n > 1 else np.full(n, tdp_w)
+    p = np.maximum(np.nan_to_num(p, neginf=tdp_w), ROW_POWER_FLOOR * tdp_w)
+    return 2.0 * tdp_w**2 / (p[lag:] ** 2 + p[:-lag] ** 2)
+
+
+def _cumulative_columns(cols: StepColumns, coef: Coefficients, t: np.ndarray, capped: np.ndarray,
+                        origin: float, prev_end: float) -> np.ndarray:
+    """Cumulative [dt, F, F·u, B, capped energy at tdp, idle time, decay integral] at each time ``t``."""
+    feats = coef.step_features(cols)
+    free_feats = np.where(capped[:, None], 0.0, feats)
+    known = np.where(capped, coef.tdp_w * feats[:, 0], 0.0)
+    vals = np.column_stack([free_feats, known])
+    cv, ci, cd = cumulative(t, cols.t_start, cols.t_end, vals, coef.tau_s, origin, prev_end)
+    return np.column_stack([cv, ci, cd])
+
+
 def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np.ndarray,
                     origin: float, prev_end: float, capped: np.ndarray | None = None, lag: int = FIT_LAG):
     """Regression rows: the energy between boundary k and boundary k+lag, for every k.
@@ -116,14 +197,9 @@ def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e:
     mix of prefill and decode changes. Capped steps' known energy (tdp·dt) is moved to y.
     Returns (X [rows, 6], y [rows]).
     """
-    feats = coef.step_features(cols)
     if capped is None:
-        capped = np.zeros(len(feats), dtype=bool)
-    free_feats = np.where(capped[:, None], 0.0, feats)
-    known = np.where(capped, coef.tdp_w * feats[:, 0], 0.0)
-    vals = np.column_stack([free_feats, known])
-    cv, ci, cd = cumulative(b_t, cols.t_start, cols.t_end, vals, coef.tau_s, origin, prev_end)
-    c = np.column_stack([cv, ci, cd])
+        capped = np.zeros(len(cols.t_start), dtype=bool)
+    c = _cumulative_columns(cols, coef, b_t, capped, origin, prev_end)
     lag = max(1, min(lag, len(b_t) - 1))
     d = c[lag:] - c[:-lag]
     X = np.column_stack([d[:, 0:4], d[:, 5], d[:, 6]])
@@ -131,32 +207,59 @@ def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e:
     return X, y
 
 
+def fit_rows(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np.ndarray, origin: float,
+             prev_end: float, capped: np.ndarray | None = None, lag: int = FIT_LAG, first_is_sample: bool = False):
+    """The fit's rows: :func:`interval_design`, each row weighted by :func:`row_weights`. Returns (X, y).
+
+    ``first_is_sample``: the first boundary is the meter's first sample, not a change of the counter
+    (the edge rule): its value was published up to a whole publish period earlier, so the rows from it
+    are left out of the fit (settlement still uses it)."""
+    X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped, lag)
+    w = np.sqrt(row_weights(b_t, b_e, max(1, min(lag, len(b_t) - 1)), coef.tdp_w))
+    if first_is_sample and len(w) > 1:
+        w[0] = 0.0
+    return X * w[:, None], y * w
+
+
 def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.ndarray,
-               origin: float, prev_end: float = -FAR_PAST_S) -> tuple[Coefficients, dict]:
+               origin: float, prev_end: float = -FAR_PAST_S, first_is_sample: bool = True) -> tuple[Coefficients, dict]:
     """Fit one device's coefficients to its counter intervals (global, offline): the idle decay time
-    constant from a grid, by residual; the rest by :func:`solve` toward the profile ``coef0``."""
-    best = None
-    prior = coef0.theta
+    constant by residual (a grid, then the vertex of a parabola in log τ through the best three); the
+    rest by :func:`posterior` toward the profile ``coef0``.
+    ``first_is_sample``: ``b_t[0]`` is the first sample (see :func:`fit_rows`)."""
+    prior = prior_mean(coef0)
     lam = prior_precision(coef0)
-    for tau in TAU_GRID_S:
+
+    def at(tau: float):
         coef = coef0.with_theta(prior, tau)
         capped = None
         for _ in range(4):
-            X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped)
+            X, y = fit_rows(cols, coef, b_t, b_e, origin, prev_end, capped, first_is_sample=first_is_sample)
             ne = NormalEquations()
             ne.add(X, y)
-            theta = solve(ne, prior, lam)
+            theta = posterior(ne, prior, lam, noise_j2(coef0))
             coef = coef.with_theta(theta, tau)
             _, new_capped = coef.step_energy(cols)
             if capped is not None and np.array_equal(new_capped, capped):
                 break
             capped = new_capped
         resid = rss(ne, theta)
-        if best is None or resid < best[0]:
-            ss_tot = float(np.sum((y - y.mean()) ** 2)) if len(y) > 1 else 0.0
-            best = (resid, coef, {"r2": 1.0 - resid / ss_tot if ss_tot > 0 else float("nan"),
-                                  "intervals": int(len(y)), "capped_steps": int(capped.sum()),
-                                  **fit_report(ne, lam)})
+        ss_tot = float(np.sum((y - y.mean()) ** 2)) if len(y) > 1 else 0.0
+        return resid, coef, {"r2": 1.0 - resid / ss_tot if ss_tot > 0 else float("nan"),
+                             "intervals": int(len(y)), "capped_steps": int(capped.sum()), **fit_report(ne, lam)}
+
+    fits = [at(tau) for tau in TAU_GRID_S]
+    k = int(np.argmin([f[0] for f in fits]))
+    best = fits[k]
+    if 0 < k < len(fits) - 1:
+        x = np.log(TAU_GRID_S[k - 1: k + 2])
+        r = np.array([f[0] for f in fits[k - 1: k + 2]])
+        curv = (r[2] - 2 * r[1] + r[0]) / (x[1] - x[0]) ** 2
+        if curv > 0:
+            tau = float(np.exp(x[1] - (r[2] - r[0]) / (2 * (x[1] - x[0])) / curv))
+            refined = at(tau)
+            if refined[0] < best[0]:
+                best = refined
     return best[1], best[2]
 
 

@@ -36,13 +36,16 @@ class OnlineReplay:
 
 
 def resample(readings: Sequence[Reading], rate_hz: float) -> list[Reading]:
-    """What a meter polled at ``rate_hz`` would have read: at each tick, the latest recorded reading
-    at or before it, stamped with the tick's time."""
+    """What a meter polled at ``rate_hz`` would have read, stamped with the tick's time. A recorded
+    reading's value was published somewhere since the previous recorded poll; a poller at ``rate_hz``
+    sees it from about the midpoint of that gap on (the counter rule's own estimate of the publish
+    time), not only from the recorded poll on, which would delay every change by up to one period."""
     if not (rate_hz > 0 and math.isfinite(rate_hz)):
         raise InputError(f"--meter-hz must be a positive number, got {rate_hz}")
     t = np.array([r.t_s for r in readings])
     ticks = np.arange(t[0], t[-1] + 1e-12, 1.0 / rate_hz)
-    idx = np.searchsorted(t, ticks, side="right") - 1
+    mid = np.concatenate([t[:1], 0.5 * (t[1:] + t[:-1])])
+    idx = np.searchsorted(mid, ticks, side="right") - 1
     return [Reading(float(tk), readings[i].energy_j, readings[i].source) for tk, i in zip(ticks, idx)]
 
 
@@ -87,8 +90,9 @@ def replay_online(steps: Sequence[StepRecord], readings: Sequence[Reading], g: M
         if kind == 0:
             on.add_reading(item)
         else:
-            for s in item:
-                on.add_step(s)
+            added = on.add_steps(item)
+            if added.invalid:
+                raise InputError(added.invalid[0][1])
         if t >= next_advance:
             out += on.advance(t)
             next_advance = t + ADVANCE_EVERY_S

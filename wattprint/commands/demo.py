@@ -76,7 +76,7 @@ def run_demo(args) -> int:
     from rich.console import Console
     from rich.panel import Panel
 
-    from wattprint.commands.output import write_requests, write_summary
+    from wattprint.commands.output import check_conservation, summary_dict, write_requests, write_summary
     from wattprint.commands.serve import has_nvidia_gpu, policy_env, server_command, server_env, stop_server
     from wattprint.configs import config_dir
     from wattprint.exporters.policy_metrics import PolicyCollector
@@ -130,6 +130,7 @@ def run_demo(args) -> int:
         try:
             with console.status(f"starting the vLLM OpenAI server on port {port} (log: {log_path}) ..."):
                 _wait_health(f"http://127.0.0.1:{port}/health", proc, args.timeout_s, log_path)
+            t_workload = time.monotonic()  # the steps' clock
             everything = _send_workload(console, port, workload(args.seed))
             sent = {n: v for n, v in everything.items() if v[0] != REFUSED}
             refused = {n: v[1] for n, v in everything.items() if v[0] == REFUSED}
@@ -140,20 +141,26 @@ def run_demo(args) -> int:
                     if all(r is not None and r.status == "final" for r in results.values()):
                         break
                     time.sleep(0.25)
+            window, upto = _since(sc.driver, t_workload)
         finally:
             stop_server(proc)
             time.sleep(1.2)  # the middleware's last decision counts (written once a second) reach /metrics
         snap = sc.snapshot()
         exposition = _exposition(make_registry(lambda: snap, sc.collectors))
     shutil.rmtree(stats_dir, ignore_errors=True)
-    totals = _merged(snap.model_totals.values(), add_totals)
+    whole = _merged(snap.model_totals.values(), add_totals)
+    totals = window_totals(window, whole) if window is not None and whole is not None else whole
+    upto = upto if totals is not whole else None
     rows = [r for r in results.values() if r is not None]
     missing = [n for n, r in results.items() if r is None or r.status != "final"]
     if totals is not None:  # the table shows the workload's names; the files keep the OpenAI ids
         named = [msgspec.structs.replace(r, id=n) for n, r in results.items() if r is not None]
         print_report(named, totals, limit=0, console=console)
+        check_conservation(totals, rows)  # over the totals and the request records: exit 3 if violated
+        console.print(_window_note(totals, upto))
     write_requests(out / "requests.jsonl", rows)
-    summary = write_summary(out / "summary.json", totals, meter=snap.source,
+    summary = write_summary(out / "summary.json", totals, whole_run=summary_dict(whole),
+                  window="workload" if totals is not whole else "whole run", meter=snap.source,
                   hardware=load_profile(hardware).name if hardware else None, model=SERVED_NAME,
                   model_dir=str(model_dir), model_config=str((model_dir / "config.json").resolve()),
                   requests_sent=len(results), requests_final=len(results) - len(missing),
@@ -186,6 +193,38 @@ def _print_policy(console, policy_path: Path, ledger: Path, refused: dict[str, s
     contents = read_ledger_records(ledger)
     result = audit(contents.records, policy, torn_bytes=contents.torn_bytes)
     print_audit(result, policy, str(ledger), str(policy_path), console=console)
+
+
+def window_totals(window: dict, whole):
+    """The workload's totals: the whole run's less what was settled before the workload (the history's
+    difference), with the whole run's source and coefficients; no per-stratum breakdowns."""
+    from wattprint.profiler.core.results import Totals
+
+    ints = ("requests", "steps")
+    fields = {k: (int(round(v)) if k in ints else v) for k, v in window.items() if k not in ("t_from_s", "t_to_s")}
+    return Totals(source=whole.source, t_start=window["t_from_s"], t_end=window["t_to_s"],
+                  coefficients=whole.coefficients, **fields)
+
+
+def _since(driver, t_s: float) -> tuple[dict | None, dict | None]:
+    """The totals settled from the last settlement point before ``t_s`` (an exact difference: a
+    request's energy is never split between the two sides), and all those settled so far, read at one
+    instant; (None, None) when no point precedes ``t_s``."""
+    with driver.lock:
+        t0 = driver.history.point_at_or_before(t_s)
+        if t0 is None:
+            return None, None
+        return driver.history.since(t0), driver.history.since(float("-inf"))
+
+
+def _window_note(totals, upto: dict | None) -> str:
+    if upto is None:
+        return ("[yellow]the totals include the server's start-up (the sidecar had not settled it before the "
+                "workload began)")
+    before_j = upto["measured_j"] - totals.measured_j
+    return (f"the totals cover the workload ({totals.t_end - totals.t_start:,.1f} s); before it, the server's "
+            f"start-up: {before_j:,.1f} J measured, {upto['attributed_j'] - totals.attributed_j:,.3f} J of it "
+            "to requests; the whole run is in summary.json (whole_run)")
 
 
 def _merged(totals, add):

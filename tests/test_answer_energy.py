@@ -113,25 +113,25 @@ def _free_port() -> int:
 def test_lookup_up_missing_down_and_hung(sidecar):
     server, handler = sidecar
     lk = EnergyLookup(f"http://127.0.0.1:{server.server_port}", timeout_s=0.2)
-    assert asyncio.run(lk.record("/v1/requests/cmpl-1?ref=a&sig=b")) == RECORD
-    assert asyncio.run(lk.record("/v1/requests/nope")) is None
+    assert asyncio.run(lk.record("cmpl-1", "a", "b")) == RECORD
+    assert asyncio.run(lk.record("nope", "a", "b")) is None
     # waiting for the last tokens: gives up at wait_s with the best record seen
     lk.wait_s = 0.05
     t0 = time.monotonic()
-    assert asyncio.run(lk.record("/v1/requests/cmpl-1", output_tokens=99)) == RECORD
+    assert asyncio.run(lk.record("cmpl-1", "a", "b", output_tokens=99)) == RECORD
     assert 0.04 < time.monotonic() - t0 < 0.5
     # hung: bounded by the timeout, then the breaker stops asking
     handler.delay_s = 1.0
     lk = EnergyLookup(f"http://127.0.0.1:{server.server_port}", timeout_s=0.05, trip_after=2, cooldown_s=60)
 
     async def three():
-        return [await lk.record("/v1/requests/cmpl-1") for _ in range(3)]
+        return [await lk.record("cmpl-1", "a", "b") for _ in range(3)]
 
     t0 = time.monotonic()
     assert asyncio.run(three()) == [None, None, None]
     assert time.monotonic() - t0 < 0.5 and lk.counts["failed"] == 2 and lk.counts["skipped"] == 1
     down = EnergyLookup(f"http://127.0.0.1:{_free_port()}", timeout_s=0.2)
-    assert asyncio.run(down.record("/v1/requests/cmpl-1")) is None and down.counts["failed"] == 1
+    assert asyncio.run(down.record("cmpl-1", "a", "b")) is None and down.counts["failed"] == 1
 
 
 # ------------------------------------------------------------------------------------ policy gate

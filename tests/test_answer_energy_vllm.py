@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,10 @@ def _check_energy(energy: dict, headers=None) -> None:
 
 
 def test_energy_in_every_answer_and_provisional_against_final(served):
+    # answers look their figures up on the sidecar's private lookup socket (ZeroMQ), not over HTTP
+    lookup = served["tmp"] / "run" / "wattprint" / "sidecar.sock.lookup"
+    assert stat.S_ISSOCK(lookup.lstat().st_mode) and stat.S_IMODE(lookup.lstat().st_mode) == 0o600
+    assert f"lookups ipc://{lookup}," in served["log"].read_text(errors="replace")
     client = served["client"]("sk-science")
     answers = []  # (provisional figure, its URL)
     for i in range(4):
@@ -169,6 +174,8 @@ def test_energy_in_every_answer_and_provisional_against_final(served):
         assert final["prefill_j"] + final["decode_j"] == pytest.approx(final["energy_j"], rel=1e-9)
         errors.append(abs(e["energy_j"] - final["energy_j"]) / final["energy_j"])
     print("provisional vs final, relative errors:", [round(x, 4) for x in errors])
+    lookups = json.loads(_get(f"{served['metrics']}/healthz")[1])["lookups"]
+    assert lookups["ok"] and lookups["answered"] >= len(answers), lookups  # through the lookup socket
     assert statistics.median(errors) <= 0.25, errors
 
 

@@ -72,14 +72,16 @@ def policy_env(args: argparse.Namespace, vllm_args: Sequence[str], stats_dir: st
 
 def server_env(sc, public_url: str | None = None) -> dict[str, str]:
     """The server's environment: the hook's address, the public base of the energy URLs the middleware
-    announces (``--public-url``, else the sidecar's metrics URL) and where the URL-signing key is (the
-    key file's path; the key itself only when the sidecar was given one without a file)."""
-    from wattprint.exporters.http import ENV_ENERGY_URL, ENV_SIDECAR_URL
+    announces (``--public-url``, else the sidecar's metrics URL), where the middleware looks answers' figures
+    up (the sidecar's lookup socket, else its HTTP API) and where the URL-signing key is (the key file's
+    path; the key itself only when the sidecar was given one without a file)."""
+    from wattprint.exporters.http import ENV_ENERGY_URL, ENV_LOOKUP, ENV_SIDECAR_URL
     from wattprint.profiler.sidecar.access import ENV_URL_KEY, ENV_URL_KEY_FILE
     from wattprint.profiler.transport.messages import ENV_SIDECAR
 
     env = dict(os.environ)
     env[ENV_SIDECAR] = sc.address
+    env[ENV_LOOKUP] = getattr(sc, "lookup_address", None) or "http"
     if sc.metrics_url:
         env[ENV_SIDECAR_URL] = sc.metrics_url  # where the middleware looks figures up (not the public URL)
     if public_url or sc.metrics_url:
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             sc.collectors = [PolicyCollector(stats_dir)]  # registered on the sidecar's /metrics
         with sidecar.stop_on_signals() as stop, sc:
             print(f"wattprint serve: sidecar {sc.address}, metrics {sc.metrics_url}/metrics, "
-                  f"meter {sc.source}, hardware {sc.profile.name}"
+                  f"lookups {sc.lookup_address or sc.metrics_url}, meter {sc.source}, hardware {sc.profile.name}"
                   + (f", policy {args.policy}" if policy is not None else ""), flush=True)
             env = {**server_env(sc, args.public_url), **policy_env(args, vllm_args, stats_dir)}
             proc = subprocess.Popen(server_command(vllm_args), env=env)

@@ -137,6 +137,8 @@ def run(args: argparse.Namespace, *, ready: Callable | None = None) -> int:
                   f"(export {ENV_SIDECAR}={sidecar.address} for the engine)", flush=True)
             print(f"wattprint sidecar: metrics {sidecar.metrics_url}/metrics, meter {sidecar.source}, "
                   f"hardware {sidecar.profile.name}" + (f", ledger {args.ledger}" if args.ledger else ""), flush=True)
+            if sidecar.lookup_address:
+                print(f"wattprint sidecar: answers' energy looked up on {sidecar.lookup_address}", flush=True)
             if ready is not None:
                 ready(sidecar)
             while not stop.wait(0.5):

@@ -1,7 +1,8 @@
 """Energy in the answer: a request's figure as response headers, as ``usage.energy`` in a JSON body, and in
 a server-sent-event stream (pure functions, used by :mod:`wattprint.exporters.http`).
 
-The figure is the sidecar's record of the request (``GET /v1/requests/{id}``): provisional at answer time
+The figure is the sidecar's record of the request (as ``GET /v1/requests/{id}`` gives it; looked up over the
+sidecar's lookup socket, :mod:`wattprint.exporters.energy_zmq`, or its HTTP API): provisional at answer time
 (the measured, settled part plus the fitted model's prediction for the steps the counter has not covered
 yet), final at the URL and in the ledger later. Without one (sidecar down, slow or not reached) the
 status is ``unavailable`` and no joules are named.

@@ -33,8 +33,10 @@ request's figure as ``X-Wattprint-Energy-J``, ``-Prefill-J``, ``-Decode-J``, ``-
 ``X-Wattprint-Energy-Status`` (``provisional`` | ``final`` | ``unavailable``), ``X-Wattprint-Source``,
 ``X-Wattprint-Class`` and as ``usage.energy`` in the body; a stream carries it in its usage chunk, or as
 ``: energy {...}`` before ``data: [DONE]``. The figure is the sidecar's record at answer time, looked up
-at ``WATTPRINT_SIDECAR_URL`` (default: the energy URL's base) off the event loop with a short timeout
-(:mod:`wattprint.exporters.energy_client`; ``WATTPRINT_ENERGY_TIMEOUT_MS``, default 50, and
+over ZeroMQ on the sidecar's private lookup socket (``WATTPRINT_LOOKUP``, default: ``<the sidecar's
+ipc socket>.lookup``; ``http``: not at all), in the event loop, falling back to a ``GET`` at
+``WATTPRINT_SIDECAR_URL`` (default: the energy URL's base) while no sidecar listens there, each with a
+short timeout (:mod:`wattprint.exporters.energy_client`; ``WATTPRINT_ENERGY_TIMEOUT_MS``, default 50, and
 ``WATTPRINT_ENERGY_WAIT_MS``, default 0: how long to wait for the request's last steps to reach the
 sidecar). A sidecar that is down or slow makes the status ``unavailable`` and changes nothing else.
 ``WATTPRINT_ANSWER_ENERGY=0`` turns this off.
@@ -60,9 +62,11 @@ import uuid
 
 from wattprint.exporters import answer
 from wattprint.exporters.answer_send import energy_send
-from wattprint.exporters.energy_client import ENV_TIMEOUT_MS, ENV_WAIT_MS, EnergyLookup
+from wattprint.exporters.energy_client import ENV_TIMEOUT_MS, ENV_WAIT_MS, EnergyLookup, Lookup
+from wattprint.exporters.energy_zmq import ZmqLookup
 from wattprint.exporters.policy_gate import PolicyGate, Verdict
 from wattprint.profiler.sidecar import access
+from wattprint.profiler.sidecar.lookup import lookup_address
 from wattprint.profiler.transport.messages import ENV_SIDECAR, address, runtime_dir
 from wattprint.profiler.vllm.ids import RESPONSE_ID_PREFIXES
 
@@ -71,6 +75,7 @@ log = logging.getLogger(__name__)
 ENV_ENERGY_URL = "WATTPRINT_ENERGY_URL"
 ENV_SIDECAR_URL = "WATTPRINT_SIDECAR_URL"
 ENV_ANSWER_ENERGY = "WATTPRINT_ANSWER_ENERGY"
+ENV_LOOKUP = "WATTPRINT_LOOKUP"
 DEFAULT_ENERGY_URL = "http://127.0.0.1:9464"
 HEADER_REQUEST_ID = b"x-wattprint-request-id"
 HEADER_ENERGY_URL = b"x-wattprint-energy-url"
@@ -106,7 +111,7 @@ class WattprintMiddleware:
     """Pure ASGI middleware: energy headers and ``X-Wattprint-Stratum`` -> ``vllm_xargs.stratum``."""
 
     def __init__(self, app, energy_base_url: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                 url_key: bytes | None = None, gate: PolicyGate | None = None, lookup: EnergyLookup | None = None):
+                 url_key: bytes | None = None, gate: PolicyGate | None = None, lookup: Lookup | None = None):
         self.app = app
         self.energy_base_url = (energy_base_url or os.environ.get(ENV_ENERGY_URL) or DEFAULT_ENERGY_URL).rstrip("/")
         self.max_body_bytes = max_body_bytes
@@ -215,21 +220,19 @@ class WattprintMiddleware:
         if response_id is None:
             return send
         extra = [(HEADER_REQUEST_ID, response_id.encode("latin-1"))]
-        url = None
+        url = sig = None
         if ref is not None:
-            url = access.energy_url(self.energy_base_url, self.url_key, response_id, ref)
+            sig = access.sign(self.url_key, response_id, ref)
+            url = self.energy_base_url + access.request_path(response_id, ref, sig)
             extra.append((HEADER_ENERGY_URL, url.encode("latin-1")))
         if verdict is not None:
             extra += verdict.headers()
         if self.lookup is None:
             return _with_headers(send, extra)
-        path = access.energy_url("", self.url_key, response_id, ref) if ref is not None else None
-        lookup = self.lookup
-
-        gate = self.gate
+        lookup, gate = self.lookup, self.gate
 
         async def fetch(output_tokens: int | None) -> dict:
-            record = await lookup.record(path, output_tokens) if path is not None else None
+            record = await lookup.record(response_id, ref, sig, output_tokens) if sig is not None else None
             energy = answer.energy_of(record, url)
             if verdict is not None:  # the answer's joules (and its work's ideal, for min_class) to its stratum
                 gate.charge(verdict.stratum, energy, record.get("ideal_j") if isinstance(record, dict) else None)
@@ -255,17 +258,26 @@ def _with_headers(send, extra: list):
     return send_with_headers
 
 
-def _lookup_from_environment(energy_base_url: str) -> EnergyLookup | None:
-    """The sidecar lookup for energy in the answer (None when ``WATTPRINT_ANSWER_ENERGY=0``)."""
+def _lookup_from_environment(energy_base_url: str) -> Lookup | None:
+    """The sidecar lookup for energy in the answer (None when ``WATTPRINT_ANSWER_ENERGY=0``): over the
+    lookup socket with the HTTP API as fallback, or the HTTP API alone (``WATTPRINT_LOOKUP=http``, or a
+    sidecar socket that is not ``ipc://``)."""
     if os.environ.get(ENV_ANSWER_ENERGY, "1") == "0":
         return None
     try:
-        timeout_s = float(os.environ.get(ENV_TIMEOUT_MS, "50")) / 1000
-        wait_s = float(os.environ.get(ENV_WAIT_MS, "0")) / 1000
-        return EnergyLookup(os.environ.get(ENV_SIDECAR_URL) or energy_base_url, timeout_s=timeout_s, wait_s=wait_s)
+        kwargs = {"timeout_s": float(os.environ.get(ENV_TIMEOUT_MS, "50")) / 1000,
+                  "wait_s": float(os.environ.get(ENV_WAIT_MS, "0")) / 1000}
+        http = EnergyLookup(os.environ.get(ENV_SIDECAR_URL) or energy_base_url, **kwargs)
+        where = os.environ.get(ENV_LOOKUP, "").strip()
+        if where == "http":
+            return http
+        where = address(where) if where else lookup_address(address(os.environ.get(ENV_SIDECAR)))
+        if where is None or not where.startswith("ipc://"):
+            return http
+        return ZmqLookup(where, fallback=http, **kwargs)
     except ValueError:
-        log.warning("wattprint middleware: bad %s/%s/%s: no energy in answers", ENV_SIDECAR_URL, ENV_TIMEOUT_MS,
-                    ENV_WAIT_MS, exc_info=True)
+        log.warning("wattprint middleware: bad %s/%s/%s/%s: no energy in answers", ENV_LOOKUP, ENV_SIDECAR_URL,
+                    ENV_TIMEOUT_MS, ENV_WAIT_MS, exc_info=True)
         return None
 
 

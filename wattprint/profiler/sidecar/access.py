@@ -59,10 +59,14 @@ def pseudonym(key: bytes, record_key: str) -> str:
     return "x" + _mac(key, "wattprint-exemplar-v1", record_key)[:16]
 
 
+def request_path(response_id: str, ref: str, sig: str) -> str:
+    """The path (and query) of one request's energy record, with its credential."""
+    return f"/v1/requests/{quote(response_id, safe='')}?ref={quote(ref, safe='')}&sig={quote(sig, safe='')}"
+
+
 def energy_url(base: str, key: bytes, response_id: str, ref: str) -> str:
     """The URL the client of one request may read its energy at."""
-    return (f"{base.rstrip('/')}/v1/requests/{quote(response_id, safe='')}?ref={quote(ref, safe='')}"
-            f"&sig={sign(key, response_id, ref)}")
+    return base.rstrip("/") + request_path(response_id, ref, sign(key, response_id, ref))
 
 
 def operator_ok(token: str | None, authorization: str | None) -> bool:

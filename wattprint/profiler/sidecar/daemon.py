@@ -15,6 +15,9 @@ exports it (Prometheus ``/metrics``, ``/v1/requests/{id}``, the request ledger).
   requests that became final go to the sinks (:mod:`wattprint.profiler.sidecar.sinks`: the
   recent-results store read by ``/v1/requests/{id}``, the histograms, the ledger). The lag gauge is the
   larger of the attributors' lag and the age of the oldest queued message.
+* **lookup** - the middleware's questions for the records of the answers it sends, over ZeroMQ on
+  ``ipc://PATH.lookup`` beside the step socket (same private directory, 0600; the signed URL's
+  credential checked as by the HTTP API): :mod:`~wattprint.profiler.sidecar.lookup`.
 * **http** - the metrics server (bounded pool, deadlines: :mod:`wattprint.exporters.api`); each scrape
   reads one snapshot under the sidecar's lock; records are read through signed per-request URLs or with
   the operator token (:mod:`~wattprint.profiler.sidecar.access`), ``/openapi.json`` describes the API.
@@ -44,6 +47,7 @@ from wattprint.profiler.sidecar import access, paths
 from wattprint.profiler.sidecar.defaults import default_attributor, default_hardware, default_timeline
 from wattprint.profiler.sidecar.driver import AttributionDriver
 from wattprint.profiler.sidecar.httpapi import OPENAPI, RequestAccess
+from wattprint.profiler.sidecar.lookup import LookupServer, lookup_address
 from wattprint.profiler.sidecar.sessions import HelloFile, ModelLabels
 from wattprint.profiler.sidecar.sinks import (
     LedgerSink,
@@ -129,6 +133,10 @@ class Sidecar(Views):
         self._worker: threading.Thread | None = None
         self._timeline = None
         self._server: MetricsServer | None = None
+        self._lookups: LookupServer | None = None
+        #: where the middleware asks for records (None: no lookup socket, the HTTP API only)
+        self.lookup_address: str | None = None
+        self.access: RequestAccess | None = None
         self._started = self._stopped = False
         self._t_started: float | None = None
 
@@ -146,6 +154,8 @@ class Sidecar(Views):
                     self.stats.count_error("ledger_torn_line")
                 self.sinks.add(LedgerSink(self.ledger, self.source))
             self.receiver.bind()
+            self.access = RequestAccess(self.url_key, self.operator_token, self.lookup_ref, self.lookup)
+            self._serve_lookups()
             self.driver.resume()
             self.receiver.start()
             self._worker = threading.Thread(target=self._worker_loop, name="wattprint-attr", daemon=True)
@@ -173,16 +183,36 @@ class Sidecar(Views):
     def _pseudonym(self, name: str) -> str:
         return access.pseudonym(self.url_key, name) if self.url_key else name
 
+    def _serve_lookups(self) -> None:
+        """The lookup socket beside an ``ipc://`` step socket (without one, the HTTP API answers)."""
+        where = lookup_address(self.address)
+        if where is None:
+            return
+        try:
+            self._lookups = LookupServer(where, self.access, self.lock, self.stats).bind().start()
+        except ConfigError as exc:
+            log.warning("wattprint sidecar: no lookup socket (%s); the middleware will ask the HTTP API", exc)
+            return
+        self.lookup_address = where
+
     def _serve(self, port: int) -> None:
-        requests_fn = RequestAccess(self.url_key, self.operator_token, self.lookup_ref, self.lookup)
         self.app = app = make_app(make_registry(self.snapshot, self.collectors), self.lookup, self.health,
-                                  requests_fn=requests_fn, openapi=OPENAPI)
+                                  requests_fn=self.access, openapi=OPENAPI)
         try:
             server = MetricsServer(app, self.metrics_host, port)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {self.metrics_host}:{port}: {exc.strerror or exc}") from exc
         self._server = server.start()
         self.metrics_port = self._server.port
+
+    def health(self) -> tuple[bool, dict]:
+        """:meth:`Views.health`, with the lookup socket's thread and how many questions it answered."""
+        ok, detail = super().health()
+        if self._lookups is not None:
+            alive = self._lookups.is_alive()
+            detail["lookups"] = {"ok": alive, "address": self.lookup_address, **self._lookups.counts}
+            ok = ok and (alive or self._stop.is_set())
+        return ok, detail
 
     @property
     def metrics_url(self) -> str | None:
@@ -204,6 +234,8 @@ class Sidecar(Views):
         self._stop.set()
         self.queue.wake()
         self.receiver.stop()
+        if self._lookups is not None:
+            self._lookups.stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
         if self._timeline is not None:

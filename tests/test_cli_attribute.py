@@ -161,12 +161,39 @@ def test_a_file_read_in_chunks_gives_the_same_attribution(trace, llama8b, h100, 
     whole = attribute(records.load_steps(trace / "steps.jsonl"), samples, llama8b, h100, source="simulated")
     import wattprint.profiler.attribution.offline as offline
 
-    real = records.iter_step_chunks
-    monkeypatch.setattr(offline, "iter_step_chunks", lambda p: real(p, chunk_bytes=4096))
-    chunked = attribute_file(trace / "steps.jsonl", samples, llama8b, h100, source="simulated")
-    assert [r.energy_j for r in chunked.requests] == pytest.approx([r.energy_j for r in whole.requests], rel=1e-12)
-    assert [(r.prompt_tokens, r.output_tokens, r.stratum) for r in chunked.requests] == \
-        [(r.prompt_tokens, r.output_tokens, r.stratum) for r in whole.requests]
+    real = offline.iter_step_columns
+    for cores in (1, 2):  # sequentially, and decoded here and on a forked worker
+        monkeypatch.setattr(offline, "iter_step_columns", lambda p, c=cores: real(p, 4096, c))
+        chunked = attribute_file(trace / "steps.jsonl", samples, llama8b, h100, source="simulated")
+        assert [r.energy_j for r in chunked.requests] == pytest.approx([r.energy_j for r in whole.requests],
+                                                                       rel=1e-12)
+        assert [(r.prompt_tokens, r.output_tokens, r.stratum) for r in chunked.requests] == \
+            [(r.prompt_tokens, r.output_tokens, r.stratum) for r in whole.requests]
+
+
+@pytest.mark.parametrize("bad,problem", [("{not json", "malformed JSON"), ('{"step": 300, "t_start": "x"}', "invalid record"),
+                                         ("OLD", "out of order")])
+def test_a_bad_line_in_a_later_chunk_exits_2_naming_it_on_two_cores(trace, tmp_path, monkeypatch, capsys, bad,
+                                                                       problem):
+    """The parallel path (forced: small chunks, two cores) names the file's line as the sequential one."""
+    import multiprocessing
+
+    import wattprint.profiler.attribution.offline as offline
+
+    lines = (trace / "steps.jsonl").read_text().splitlines()
+    k = len(lines) * 3 // 4
+    bad = lines[k].replace(f'"step":{k}', f'"step":{k - 5}') if bad == "OLD" else bad
+    p = tmp_path / "steps.jsonl"
+    p.write_text("\n".join(lines[:k] + [bad] + lines[k + 1:]) + "\n")
+    real = offline.iter_step_columns
+    errors = []
+    for cores in (1, 2):
+        monkeypatch.setattr(offline, "iter_step_columns", lambda q, c=cores: real(q, 4096, c))
+        rc, out, _ = run(trace, tmp_path, steps=p)
+        errors.append(capsys.readouterr().err)
+        assert rc == 2 and f"{p}:{k + 1}: " in errors[-1] and problem in errors[-1] and not out.exists()
+        assert not multiprocessing.active_children()  # the workers are gone
+    assert errors[0] == errors[1]
 
 
 def test_chunked_reading_names_the_files_line_across_chunks(trace, tmp_path):

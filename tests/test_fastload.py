@@ -4,6 +4,7 @@ with the same `FILE:ROW: reason`, and the rules it vectorises agree with their s
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 
@@ -18,10 +19,10 @@ from wattprint.cli import main
 from wattprint.errors import InputError
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.compact import CompactTrace
-from wattprint.profiler.core import records, validate
+from wattprint.profiler.core import parallel, records, validate
 from wattprint.profiler.core import tracefiles as tf
 from wattprint.profiler.core.columnar import table_bytes
-from wattprint.profiler.core.records import RequestEntry, StepRecord, encode_line
+from wattprint.profiler.core.records import RequestEntry, StepRecord, StepTimes, encode_line
 from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
 
@@ -80,6 +81,9 @@ def test_request_metadata_given_anywhere_is_read_alike(tmp_path, llama8b):
     ref = _compact(llama8b, records.iter_step_chunks(tmp_path / "s.jsonl"))
     for batch in (1, 2, 10):
         _same_compact(_compact(llama8b, tf.iter_step_columns_parquet(tmp_path / "s.parquet", batch)), ref)
+    for chunk_bytes in (40, 150):  # a step or two a chunk, on two cores: the same as sequentially
+        _same_compact(_compact(llama8b, _parallel(tmp_path / "s.jsonl", chunk_bytes)),
+                      _compact(llama8b, records.iter_step_chunks(tmp_path / "s.jsonl", chunk_bytes)))
     t = ref.table
     assert t.stratum == {0: "s2", 1: "s1"} or t.stratum[t.slots["a"]] == "s2"
     assert t.col("prompt_tokens")[t.slots["a"]] == 9 and t.col("given_output_tokens")[t.slots["a"]] == 2
@@ -193,3 +197,127 @@ def test_integers_beyond_64_bits_are_refused_naming_the_line(tmp_path, field, va
     with pytest.raises(InputError) as exc:
         list(records.iter_step_chunks(path))
     assert str(exc.value).startswith(f"{path}:3: ") and message in str(exc.value)
+
+
+def _parallel(path, chunk_bytes):
+    """steps.jsonl decoded on two cores, this process's and a forked worker's (forced, whatever the cores
+    and the file's size)."""
+    return parallel.iter_step_columns(path, chunk_bytes, cores=2)
+
+
+def test_two_cores_give_the_sequential_columns(trace, llama8b):
+    path = trace / "steps.jsonl"
+    for chunk_bytes in (3000, 1 << 14):
+        parts = list(_parallel(path, chunk_bytes))
+        assert all(isinstance(t, StepTimes) for t, _ in parts)  # the parallel path ran
+        _same_compact(_compact(llama8b, parts), _compact(llama8b, records.iter_step_chunks(path, chunk_bytes)))
+    assert not multiprocessing.active_children()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(entry, max_size=5), st.floats(0, 0.5)), min_size=1, max_size=20),
+       st.integers(30, 600))
+def test_any_trace_on_two_cores_gives_the_same_columns_or_refusal(tmp_path, llama8b, rows, chunk_bytes):
+    """Chunks shorter than a line, metadata given on any entry, bad entries: what the sequential path gives."""
+    (tmp_path / "s.jsonl").write_bytes(b"".join(map(encode_line, _steps(rows))))
+    want = _outcome(llama8b, records.iter_step_chunks(tmp_path / "s.jsonl", chunk_bytes))
+    got = _outcome(llama8b, _parallel(tmp_path / "s.jsonl", chunk_bytes))
+    if isinstance(want, tuple):
+        assert got == want
+    else:
+        _same_compact(got, want)
+
+
+def _lines_with(trace, tmp_path, k, line):
+    lines = (trace / "steps.jsonl").read_bytes().splitlines(keepends=True)
+    path = tmp_path / "steps.jsonl"
+    path.write_bytes(b"".join(lines[:k] + [line] + lines[k + 1:]))
+    return path
+
+
+@pytest.mark.parametrize("where", ["inside", "first"])
+@pytest.mark.parametrize("bad,message", [
+    (b"{oops\n", "malformed JSON"),
+    (b'{"step":1,"t_start":"x","t_end":2,"requests":[]}\n', "invalid record"),
+    (b"OLD", "steps out of order"),
+    (b'{"step":1,"t_start":0,"t_end":-1,"requests":[]}\n', "is before t_start"),
+    (b"NOTOKENS", "scheduled with no tokens"),
+])
+def test_a_bad_line_in_a_later_chunk_is_named_as_the_sequential_path_names_it(trace, tmp_path, where, bad, message):
+    """A bad line inside a later chunk (a worker's), or first in its chunk (checked against the chunk
+    before by the parent): `FILE:LINE: reason` as read sequentially; no worker left behind."""
+    chunk_bytes = 4000
+    with open(trace / "steps.jsonl", "rb") as f:
+        spans = list(parallel._chunk_bounds(f.fileno(), (trace / "steps.jsonl").stat().st_size, chunk_bytes))
+        start, end = spans[len(spans) * 2 // 3 | 1]
+        k = first = f.read(start).count(b"\n")
+        if where == "inside":  # its last line
+            k += f.read(end - start).count(b"\n") - 1
+            assert k > first
+    old = (trace / "steps.jsonl").read_bytes().splitlines(keepends=True)[k]
+    if bad == b"OLD":
+        bad = old.replace(b'"step":%d,' % k, b'"step":%d,' % (k - 2))
+    elif bad == b"NOTOKENS":
+        bad = old.replace(b'"prefill_tokens":', b'"prefill_tokens":0,"x":', 1).replace(b'"decode_tokens":1', b'"decode_tokens":0', 1)
+    assert bad != old
+    path = _lines_with(trace, tmp_path, k, bad)
+    errors = []
+    for chunks in (records.iter_step_chunks(path, chunk_bytes), _parallel(path, chunk_bytes)):
+        with pytest.raises(InputError) as exc:
+            list(chunks)
+        errors.append(str(exc.value))
+    assert errors[0] == errors[1] and errors[1].startswith(f"{path}:{k + 1}: ") and message in errors[1]
+    assert not multiprocessing.active_children()
+
+
+def test_workers_stop_when_the_reader_is_interrupted(trace):
+    chunks = _parallel(trace / "steps.jsonl", 3000)
+    next(chunks)
+    assert multiprocessing.active_children()
+    with pytest.raises(KeyboardInterrupt):
+        chunks.throw(KeyboardInterrupt)  # Ctrl-C while the parent takes a chunk
+    assert not multiprocessing.active_children()
+
+
+def test_metadata_given_on_a_later_entry_of_a_later_chunk(tmp_path, llama8b, monkeypatch):
+    """A request whose stratum and prompt length come on a later entry of a later chunk: the worker did
+    not look (its first entry there lacks them), so the chunk is decoded again for them, and later chunks
+    are scanned in the workers."""
+    e = RequestEntry
+    rows = [([e("a", 5, 0, 0)], 0.1)] * 40 + [([e("a", 0, 1, 5)], 0.1), ([e("a", 0, 1, 6, stratum="s", prompt_tokens=9)], 0.1)]
+    rows += [([e("b", 0, 1, k), e("a", 0, 1, 7 + k)], 0.1) for k in range(40)]
+    rows += [([e("b", 0, 1, 40, stratum="t", prompt_tokens=3, output_tokens=41)], 0.1)]
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"".join(map(encode_line, _steps(rows))))
+    asked = []
+    monkeypatch.setattr(parallel.SparseMeta, "__call__", lambda self, idx, real=parallel.SparseMeta.__call__:
+                        asked.append(self.scanned) or real(self, idx))
+    for chunk_bytes in (2000, 3000):
+        ref = _compact(llama8b, records.iter_step_chunks(path, chunk_bytes))
+        _same_compact(_compact(llama8b, _parallel(path, chunk_bytes)), ref)
+        t = ref.table
+        assert t.stratum[t.slots["a"]] == "s" and t.stratum[t.slots["b"]] == "t"
+        assert t.col("prompt_tokens")[t.slots["b"]] == 3 and t.col("given_output_tokens")[t.slots["b"]] == 41
+    assert False in asked and True in asked  # both kinds of chunk were read
+
+
+def _dies_in_a_worker(path, start, end):
+    """A chunk's decoding that kills the worker taking it (this function is pickled by name)."""
+    import os
+
+    if os.getpid() != _dies_in_a_worker.parent and start > 0:
+        os._exit(9)
+    return _dies_in_a_worker.real(path, start, end)
+
+
+def test_a_killed_worker_leaves_the_rest_to_this_process(trace, llama8b, monkeypatch):
+    """A worker that dies (the kernel's out-of-memory killer, say): its chunks and the rest are read here,
+    with the same result."""
+    import os
+
+    monkeypatch.setattr(_dies_in_a_worker, "parent", os.getpid(), raising=False)
+    monkeypatch.setattr(_dies_in_a_worker, "real", parallel._decode_chunk, raising=False)
+    monkeypatch.setattr(parallel, "_decode_chunk", _dies_in_a_worker)
+    path = trace / "steps.jsonl"
+    _same_compact(_compact(llama8b, _parallel(path, 3000)), _compact(llama8b, records.iter_step_chunks(path, 3000)))
+    assert not multiprocessing.active_children()

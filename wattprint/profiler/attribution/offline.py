@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -25,7 +26,8 @@ from wattprint.profiler.attribution.table import add_breakdowns
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.efficiency import IdealCost
 from wattprint.profiler.core.hardware import HardwareProfile
-from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, is_parquet, iter_step_chunks
+from wattprint.profiler.core.parallel import iter_step_columns
+from wattprint.profiler.core.records import EnergySample, StepRecord, StepTrace, is_parquet
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.timeline.counter import change_points, publish_mode
 
@@ -142,11 +144,12 @@ def attribute_file(steps_path, samples: Sequence[EnergySample], g: ModelGeometry
     about 20 bytes per request-step entry (compact columns), not by the parsed records."""
     if is_parquet(steps_path):  # read straight into columns; pyarrow is imported only for Parquet files
         from wattprint.profiler.core.tracefiles import iter_step_columns_parquet as chunks
-    else:
-        chunks = iter_step_chunks
+    else:  # on the usable cores (workers stopped however the loop ends)
+        chunks = iter_step_columns
     trace = CompactTrace(g)
-    for steps, entries in chunks(steps_path):
-        trace.add(steps, entries)
+    with closing(chunks(steps_path)) as parts:
+        for steps, entries in parts:
+            trace.add(steps, entries)
     return attribute(trace, samples, g, hw, **kw)
 
 

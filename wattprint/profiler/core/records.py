@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import count
 from operator import attrgetter
 from pathlib import Path
@@ -213,11 +214,13 @@ class StepTrace:
 
 
 def validate_steps(steps: list[StepRecord], path: str, data: bytes | None = None,
-                   entries: EntryArrays | None = None, *, prev: StepRecord | None = None) -> EntryArrays:
+                   entries: EntryArrays | None = None, *, prev: StepRecord | StepTimes | None = None) -> EntryArrays:
     """Check order and values (vectorised); raises :class:`InputError` naming the line of ``data``.
     ``prev``: the step before these (a file read in chunks)."""
     times = StepTimes.of(steps)
-    check_times(times, path, data, None if prev is None else StepTimes.of([prev]))
+    if prev is not None and not isinstance(prev, StepTimes):
+        prev = StepTimes.of([prev])
+    check_times(times, path, data, prev)
     e = entries if entries is not None else entry_arrays(steps)
     check_entries(e, path, data)
     return e
@@ -287,13 +290,7 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
             cut = data.rfind(b"\n") + 1 if block else len(data)
             rest = data[cut:]
             data = memoryview(data)[:cut]  # whole lines, not copied
-            try:
-                steps = decode_lines(data, _step_decoder, path_s) if data else []
-                entries = validate_steps(steps, path_s, data, prev=prev) if steps else None
-            except InputError as exc:  # name the file's line: count the lines before this chunk
-                if exc.line is None:
-                    raise
-                raise InputError(exc.reason, path_s, exc.line + _lines_before(path, offset)) from None
+            steps, entries = decode_chunk(data, path_s, prev, partial(_lines_before, path, offset))
             if steps:
                 any_steps = True
                 prev = steps[-1]
@@ -303,6 +300,19 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
                 break
     if not any_steps:
         raise InputError("no steps", path_s)
+
+
+def decode_chunk(data: bytes | memoryview, path: str, prev: StepRecord | StepTimes | None,
+                 lines_before: Callable[[], int]) -> tuple[list[StepRecord], EntryArrays | None]:
+    """Decode and validate a chunk of whole lines of ``path`` (``prev``: the step before it); an error
+    names the file's line, ``lines_before()`` counting the lines before the chunk."""
+    try:
+        steps = decode_lines(data, _step_decoder, path) if data else []
+        return steps, validate_steps(steps, path, data, prev=prev) if steps else None
+    except InputError as exc:
+        if exc.line is None:
+            raise
+        raise InputError(exc.reason, path, exc.line + lines_before()) from None
 
 
 def _lines_before(path: str | Path, offset: int) -> int:

@@ -151,6 +151,7 @@ def test_sidecar_feeds_messages_at_once_with_the_attributor_results(tmp_path):
     window = sc.driver.totals_since(102.0)
     assert window["t_from_s"] == 102.0 and window["t_to_s"] > 103.9
     assert window["measured_j"] == pytest.approx(500.0 * (window["t_to_s"] - 102.0), rel=0.01)  # interpolated
+    assert sc.driver.window_from(0.0) == (None, None)  # nothing settled before it: the whole run
     whole = sc.driver.totals_since(0.0)
     total = sc.driver.totals()[0]["llama-test"]
     assert whole["measured_j"] == pytest.approx(total.measured_j) and whole["steps"] == total.steps
@@ -176,6 +177,11 @@ def test_totals_history_rules():
     assert h.since(5.0)["measured_j"] == pytest.approx(250.0)  # from the zero point at the start
     assert h.since(-3.0)["measured_j"] == pytest.approx(300.0)  # before anything: everything
     assert h.since(25.0)["measured_j"] == 0.0
+    exact, upto = h.window_from(15.0)  # from the point at 10 s: nothing interpolated
+    assert exact["t_from_s"] == 10.0 and exact["measured_j"] == pytest.approx(200.0)
+    assert exact["attributed_j"] == pytest.approx(140.0) and upto["measured_j"] == pytest.approx(300.0)
+    assert h.window_from(5.0) == (None, None)  # only the zero point before: the window is the whole run
+    assert h.window_from(-1.0) == (None, None)
     for k in range(3):
         h.note(30.0 + 10 * k, _totals(400.0 + 100 * k, 250.0, 40))
     assert len(h) == 4  # bounded: the oldest points went

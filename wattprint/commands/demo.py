@@ -141,7 +141,7 @@ def run_demo(args) -> int:
                     if all(r is not None and r.status == "final" for r in results.values()):
                         break
                     time.sleep(0.25)
-            window, upto = _since(sc.driver, t_workload)
+            window, upto = sc.driver.window_from(t_workload)
         finally:
             stop_server(proc)
             time.sleep(1.2)  # the middleware's last decision counts (written once a second) reach /metrics
@@ -204,17 +204,6 @@ def window_totals(window: dict, whole):
     fields = {k: (int(round(v)) if k in ints else v) for k, v in window.items() if k not in ("t_from_s", "t_to_s")}
     return Totals(source=whole.source, t_start=window["t_from_s"], t_end=window["t_to_s"],
                   coefficients=whole.coefficients, **fields)
-
-
-def _since(driver, t_s: float) -> tuple[dict | None, dict | None]:
-    """The totals settled from the last settlement point before ``t_s`` (an exact difference: a
-    request's energy is never split between the two sides), and all those settled so far, read at one
-    instant; (None, None) when no point precedes ``t_s``."""
-    with driver.lock:
-        t0 = driver.history.point_at_or_before(t_s)
-        if t0 is None:
-            return None, None
-        return driver.history.since(t0), driver.history.since(float("-inf"))
 
 
 def _window_note(totals, upto: dict | None) -> str:

@@ -264,6 +264,11 @@ class AttributionDriver(Seating):
         with self.lock:
             return self.history.since(t_s)
 
+    def window_from(self, t_s: float) -> tuple[dict | None, dict | None]:
+        """:meth:`TotalsHistory.window_from`, read under the lock."""
+        with self.lock:
+            return self.history.window_from(t_s)
+
     def retire_exited(self) -> None:
         """Retire the sessions whose engine process has exited (their devices are freed)."""
         with self.lock:

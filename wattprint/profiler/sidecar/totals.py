@@ -116,6 +116,19 @@ class TotalsHistory:
             best = t
         return best
 
+    def window_from(self, t_s: float) -> tuple[dict | None, dict | None]:
+        """(the totals settled from the last point not after ``t_s``, all those settled so far). Starting
+        at a point, the window is an exact difference: no request's energy is split between its two
+        sides. (None, None) when nothing was settled before that point (the window would be the whole
+        run)."""
+        t0 = self.point_at_or_before(t_s)
+        if t0 is None:
+            return None, None
+        window, upto = self.since(t0), self.since(float("-inf"))
+        if window is None or upto is None or upto["measured_j"] <= window["measured_j"]:
+            return None, None
+        return window, upto
+
     def since(self, t_s: float) -> dict[str, float] | None:
         """The latest totals minus those settled up to ``t_s``: the figures of ``[t_s, latest]``.
 

@@ -227,8 +227,11 @@ class OnlineAttributor:
         else:
             start = since
         end = next((b for b in d0.b_t if b >= start + self.window_s), None)
-        if end is None and self._flushing and d0.b_t and d0.b_t[-1] > start:
-            end = d0.b_t[-1]  # shutting down: a last, shorter block
+        if self._flushing and all(d.b_t for d in self._dev):
+            # shutting down: a last, shorter block, up to device 0's last change that every counter covers
+            covered = min(d.b_t[-1] for d in self._dev)
+            if end is None or end > covered:
+                end = next((b for b in reversed(d0.b_t) if start < b <= covered), None)
         if end is None or any(not d.b_t or d.b_t[-1] < end for d in self._dev[1:]):
             return None
         grace = max(self.grace_s, 2.0 * self._max_step_s)

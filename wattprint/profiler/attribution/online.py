@@ -227,11 +227,8 @@ class OnlineAttributor:
         else:
             start = since
         end = next((b for b in d0.b_t if b >= start + self.window_s), None)
-        if self._flushing and all(d.b_t for d in self._dev):
-            # shutting down: a last, shorter block, up to device 0's last change that every counter covers
-            covered = min(d.b_t[-1] for d in self._dev)
-            if end is None or end > covered:
-                end = next((b for b in reversed(d0.b_t) if start < b <= covered), None)
+        if self._flushing:
+            end = shutdown_end(self._dev, start, end)
         if end is None or any(not d.b_t or d.b_t[-1] < end for d in self._dev[1:]):
             return None
         grace = max(self.grace_s, 2.0 * self._max_step_s)
@@ -336,3 +333,14 @@ class OnlineAttributor:
         self.table = self.table.without(self._emitted)
         self._pending.remap(self._intake.compacted(self.table, keep))
         self._emitted = set()
+
+
+def shutdown_end(devices: Sequence[OnlineDevice], start: float, end: float | None) -> float | None:
+    """At shutdown a block may be shorter: it ends at device 0's last change that every device's counter
+    covers (``end``, the window rule's end, if that is covered)."""
+    if not all(d.b_t for d in devices):
+        return end
+    covered = min(d.b_t[-1] for d in devices)
+    if end is not None and end <= covered:
+        return end
+    return next((b for b in reversed(devices[0].b_t) if start < b <= covered), None)

@@ -142,6 +142,11 @@ def run(rate: float, entries: int, duration_s: float, req_steps: int) -> dict:
     while len(sc.queue) and time.monotonic() < deadline:
         lag_max = max(lag_max, sc.snapshot().lag_s or 0.0)
         time.sleep(0.2)
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    by_thread = {}  # the sidecar's threads by name (ZeroMQ's own I/O threads have numbers)
+    for t in proc.threads():
+        name = names.get(t.id, "other")
+        by_thread[name] = round(by_thread.get(name, 0.0) + t.user_time + t.system_time, 2)
     snap = sc.snapshot()
     sc.stop()
     stop.set()
@@ -153,6 +158,7 @@ def run(rate: float, entries: int, duration_s: float, req_steps: int) -> dict:
         "steps_accepted": snap.steps, "dropped": snap.dropped, "sender_dropped": result["sender_dropped"],
         "sent_equals_accepted_plus_counted": result["steps_sent"] == snap.steps + counted,
         "cpu_fraction_of_one_core": round(cpu_s / t_send, 3), "cpu_fraction_second_half": round(cpu_half, 3),
+        "cpu_s_by_thread": dict(sorted(by_thread.items(), key=lambda kv: -kv[1])),
         "lag_max_s_after_send": round(lag_max, 2), "peak_rss_mb": round(max(rss) / 2**20, 1),
         "ledger_lines": len(rows), "final_lines": sum(r["status"] == "final" for r in rows),
         "incomplete_lines": sum(r["status"] == "incomplete" for r in rows),

@@ -2,13 +2,14 @@
 slot, prefill, decode and context tokens: 16 bytes an entry instead of the ~500 of parsed records) in
 buffers that grow by doubling and drop settled steps from their head; and the per-batch request intake
 (slots, first-seen metadata, finished flags, the engine's output counts), vectorised over a batch's
-entries (issue 9: 2,000 steps/s x 64 entries in half a core)."""
+entries, whose columns (:class:`EntryColumns`, :class:`Entries`) the sidecar's ingestion check takes
+once (issue 9: 2,000 steps/s x 64 entries in well under half a core)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, is_not, itemgetter
 
 import numpy as np
@@ -19,9 +20,8 @@ from wattprint.profiler.attribution.table import RequestTable
 from wattprint.profiler.core.costmodel import ModelGeometry
 
 _I32 = np.iinfo(np.int32).max
-_id, _pre, _dec, _ctx = (attrgetter(f) for f in ("id", "prefill_tokens", "decode_tokens", "context_tokens"))
-_st, _prompt, _out, _fin = (attrgetter(f) for f in ("stratum", "prompt_tokens", "output_tokens", "finished"))
-_t0, _t1, _reqs = attrgetter("t_start"), attrgetter("t_end"), attrgetter("requests")  # first: the step's first entry in the entry buffers
+_pre, _dec, _ctx = (attrgetter(f) for f in ("prefill_tokens", "decode_tokens", "context_tokens"))
+_st, _prompt, _reqs = attrgetter("stratum"), attrgetter("prompt_tokens"), attrgetter("requests")
 _ENTRY = ("slot", "prefill", "decode", "context")
 
 
@@ -30,7 +30,7 @@ class PendingSteps:
 
     def __init__(self, steps: int = 1024, entries: int = 1 << 16):
         self._s = {"t_start": np.empty(steps), "t_end": np.empty(steps), "first": np.empty(steps, np.int64),
-                   "seq": np.empty(steps, np.int64)}  # seq: the step's number in arrival order (from 0)
+                   "seq": np.empty(steps, np.int64)}  # first: its first entry; seq: its number in arrival order
         self._e = {k: np.empty(entries, np.int32) for k in _ENTRY}
         self._s0 = self._sn = self._e0 = self._en = 0  # live steps [s0, sn), live entries [e0, en)
         self.next_seq = 0  # the arrival number of the next step appended
@@ -191,8 +191,9 @@ class Intake:
         entry's step, :attr:`PendingSteps.next_seq` on)."""
         t = self.table
         n = len(reqs)
-        ids = list(map(_id, reqs))
-        sl = np.fromiter(map(t.slots.get, ids, repeat(-1)), np.int64, n)
+        cols = reqs if isinstance(reqs, Entries) else Entries.of(reqs)
+        ids, get = cols.ids, t.slots.get
+        sl = np.fromiter(map(get, ids, repeat(-1)), np.int64, n)
         new = np.flatnonzero(sl < 0)
         if len(new):
             for i in new.tolist():
@@ -212,15 +213,13 @@ class Intake:
         if entry_seq is not None:
             np.minimum.at(self.seq[0], sl, entry_seq)
             np.maximum.at(self.seq[1], sl, entry_seq)
-        fin = np.fromiter(map(_fin, reqs), bool, n)
-        if fin.any():
-            t.finished.update(sl[fin].tolist())
-        outs = list(map(_out, reqs))
-        if outs.count(None) != n:
+        if cols.finished:
+            t.finished.update(sl[cols.finished].tolist())
+        if cols.given:
             col = t.col("given_output_tokens")
-            for i in np.flatnonzero(np.fromiter(map(is_not, outs, repeat(None)), bool, n)).tolist():
-                if outs[i] > col[sl[i]]:
-                    col[sl[i]] = outs[i]
+            for i, x in zip(cols.given, cols.output):
+                if x > col[sl[i]]:
+                    col[sl[i]] = x
         if self.lacking:
             self._fill_lacking(reqs, sl, stratum_of)
         return sl
@@ -305,11 +304,16 @@ def classify(steps: Sequence, last: tuple[int, float] | None, settled: float | N
 def batch_columns(steps: Sequence, accepted: list[int], entries: tuple | None = None) -> tuple:
     """The accepted steps' start and end times, entry counts, entries flattened in order, and those
     entries' (prefill, decode, context) tokens (``entries``: the tokens of every entry of ``steps``,
-    when the caller extracted them already)."""
+    when the caller extracted them already; an :class:`EntryColumns` brings the entries' other columns
+    too, and the entries come back as :class:`Entries`)."""
     batch = steps if len(accepted) == len(steps) else [steps[i] for i in accepted]
     n = len(batch)
-    t0 = np.fromiter(map(_t0, batch), float, n)
-    t1 = np.fromiter(map(_t1, batch), float, n)
+    t0 = np.array([s.t_start for s in batch], float)
+    t1 = np.array([s.t_end for s in batch], float)
+    if isinstance(entries, EntryColumns):
+        if batch is not steps:
+            entries = entries.select(accepted)
+        return t0, t1, entries.counts, entries.entries, tuple(entries)
     counts = np.fromiter(map(len, map(_reqs, batch)), np.int64, n)
     reqs = list(chain.from_iterable(map(_reqs, batch)))
     if entries is None:
@@ -326,3 +330,48 @@ def entry_columns(reqs: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prefill, decode and context tokens of entries (C loops)."""
     n = len(reqs)
     return tuple(np.fromiter(map(g, reqs), np.int64, n) for g in (_pre, _dec, _ctx))
+
+
+class Entries(list):
+    """Entries (flattened, in order) with the columns the intake reads, taken once: ``ids``,
+    ``finished`` (indices of the entries marked finished), ``given`` (indices of the entries giving an
+    output count) and ``output`` (those counts)."""
+
+    __slots__ = ("ids", "finished", "given", "output")
+
+    @classmethod
+    def of(cls, reqs: Sequence, ids: list[str] | None = None) -> Entries:
+        e = cls(reqs)
+        e.ids = [r.id for r in reqs] if ids is None else ids
+        e.finished = [i for i, r in enumerate(reqs) if r.finished]
+        outs = [r.output_tokens for r in reqs]
+        e.given = [] if outs.count(None) == len(outs) else [i for i, x in enumerate(outs) if x is not None]
+        e.output = [outs[i] for i in e.given]
+        return e
+
+    def select(self, mask: np.ndarray) -> Entries:
+        """The entries where ``mask`` (one bool per entry) holds."""
+        keep = mask.tolist()
+        return Entries.of(list(compress(self, keep)), list(compress(self.ids, keep)))
+
+
+class EntryColumns(tuple):
+    """The (prefill, decode, context) int64 token columns of a batch's entries (a 3-tuple, as
+    :func:`entry_columns` gives), with the entries themselves (:class:`Entries`, ``entries``) and each
+    step's entry count (``counts``): everything the add needs, extracted once by the ingestion check."""
+
+    entries: Entries
+    counts: np.ndarray
+
+    def __new__(cls, prefill: np.ndarray, decode: np.ndarray, context: np.ndarray, entries: Entries,
+                counts: np.ndarray) -> EntryColumns:
+        self = super().__new__(cls, (prefill, decode, context))
+        self.entries, self.counts = entries, counts
+        return self
+
+    def select(self, steps: Sequence[int]) -> EntryColumns:
+        """The columns of the steps ``steps`` (indices, increasing)."""
+        keep = np.zeros(len(self.counts), dtype=bool)
+        keep[list(steps)] = True
+        mask = np.repeat(keep, self.counts)
+        return EntryColumns(*(c[mask] for c in self), self.entries.select(mask), self.counts[keep])

@@ -12,10 +12,13 @@
   its steps are counted as ``unsupported_model``.
 * Losses: rejected records (by kind), steps whose time was already settled (``late``), and records lost
   before they arrived (the receiver's ``gap`` flag, step numbers that skip) mark the session's requests
-  in flight; their results are emitted ``incomplete`` with ``missing`` saying what is missing.
+  in flight where the loss happened (a loss inside a batch: the records before it are added first);
+  their results are emitted ``incomplete`` with ``missing`` saying what is missing.
 
-* Load: a message's accepted records go to the attributor at once (``add_steps``, with the token columns
-  the checks extracted), the per-entry work in C loops; Python work is per step and per new request.
+* Load: a message's accepted records (consecutive messages of one engine join in the receive queue) go
+  to the attributor at once (``add_steps``, with the entry columns the checks extracted once:
+  :class:`~wattprint.profiler.attribution.pending.EntryColumns`); new requests are found once per id
+  and batch; Python work is per step and per new request, per-entry work one pass per column.
 * History: the summed totals are kept by settled time (:meth:`AttributionDriver.totals_since`), so that a
   window's figures (a workload without the server's start-up) can be read.
 
@@ -31,15 +34,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from itertools import chain
-from operator import attrgetter
-
-import numpy as np
 
 from wattprint.errors import InputError
+from wattprint.profiler.attribution.pending import EntryColumns
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.sidecar.ingest import Strata, check_records
+from wattprint.profiler.sidecar.ingest import (
+    Strata,
+    check_records,
+    first_sightings,
+    loss_points,
+    runs_between,
+)
 from wattprint.profiler.sidecar.seating import Seating
 from wattprint.profiler.sidecar.sessions import EngineSession, HelloFile, ModelLabels
 from wattprint.profiler.sidecar.sinks import EngineResult, Sinks, StepObserver
@@ -49,7 +56,6 @@ from wattprint.profiler.transport import messages as transport
 
 __all__ = ["AttributionDriver", "add_totals"]
 log = logging.getLogger(__name__)
-_id = attrgetter("id")
 
 
 class AttributionDriver(Seating):
@@ -98,39 +104,39 @@ class AttributionDriver(Seating):
                 return
             s.last_seen = time.monotonic()
             prev = s.prev
-            accepted, rejected, s.prev, entries = check_records(msg.records, prev, self.clock(),
-                                                                max_age_s=self.max_age_s, max_ahead_s=self.max_ahead_s)
-            for kind, problem, step in rejected:
+            checked = check_records(msg.records, prev, self.clock(), max_age_s=self.max_age_s,
+                                    max_ahead_s=self.max_ahead_s)
+            s.prev, accepted = checked.prev, checked.accepted
+            for kind, problem, step in checked.rejected:
                 self._stats.count_drop(kind)
                 self._stats.warn(kind, "step %s rejected: %s", step, problem)
-            numbers = [prev[0]] if prev is not None else []
-            numbers += [r.step for r in accepted]
-            if gap or rejected or any(b != a + 1 for a, b in zip(numbers, numbers[1:])):
-                s.note_gap()
+            losses = loss_points(checked, prev, gap)
             if s.attributor is None or s.geometry is None:
+                if losses:
+                    s.note_gap()
                 self._stats.count_drop("no_device" if s.geometry is not None else "unsupported_model", len(accepted))
                 return
-            if not accepted:
-                return
-            if callable(getattr(s.attributor, "add_steps", None)):
-                self._add_batch(s, accepted, entries)
-            else:  # an attributor that takes steps one by one
-                for rec in accepted:
+            self._add_records(s, accepted, checked.entries, losses)
+
+    def _add_records(self, s: EngineSession, accepted: list, entries, losses: list[int]) -> None:
+        """The accepted records to the attributor, the session's requests in flight marked as missing
+        records where records were lost (``losses``: before ``accepted[k]``)."""
+        batched = callable(getattr(s.attributor, "add_steps", None))
+        for a, b, lost in runs_between(len(accepted), losses):
+            if lost:
+                s.note_gap()
+            if not batched:  # an attributor that takes steps one by one
+                for rec in accepted[a:b]:
                     self._add_step(s, rec)
+            elif b > a:
+                self._add_batch(s, accepted[a:b], entries if b - a == len(accepted) else entries.select(range(a, b)))
 
     def _add_batch(self, s: EngineSession, recs: list, entries=None) -> None:
         """A message's accepted records to the session's attributor at once (per-entry work in C loops;
         Python work per new request). Strata are normalised when a request's record takes one."""
-        reqs = list(chain.from_iterable(r.requests for r in recs))
-        ids = list(map(_id, reqs))
-        known = np.fromiter(map(s.live.__contains__, ids), bool, len(ids))
-        if not known.all():
-            seen: set[str] = set()
-            new = []
-            for i in np.flatnonzero(~known).tolist():
-                if ids[i] not in seen:
-                    seen.add(ids[i])
-                    new.append(reqs[i])
+        reqs = entries.entries if isinstance(entries, EntryColumns) else list(chain.from_iterable(r.requests for r in recs))
+        new = first_sightings(reqs, s.live)
+        if new:
             s.note_new(new)
             if self._requests is not None:
                 self._requests.note_new(s.key, new)

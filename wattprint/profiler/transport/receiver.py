@@ -14,6 +14,11 @@ were lost just before it (dropped here, or by its hook), so that the requests it
 reported ``incomplete``. :meth:`MessageQueue.oldest_t` is the receive time of the oldest queued message
 (the consumer does not settle time it has not read yet, and reports the backlog).
 
+Load: the consumer's costs are mostly per batch, so :meth:`MessageQueue.get_some` lets a burst gather
+for up to ``gather_s`` (20 ms) after its first message, and a ``Steps`` message that follows one of the
+same session still queued, with nothing lost between them, joins it (its records appended, up to
+``merge_entries`` entries): the consumer wakes once and checks and attributes one bigger batch.
+
 Counting and logging go to ``stats``, any object with ``count_drop(reason, n)``, ``count_message()``,
 ``count_error(where)``, ``fail(where, msg, *args)`` and ``warn(key, msg, *args)`` (the sidecar's
 :class:`~wattprint.profiler.sidecar.stats.Counters`).
@@ -46,12 +51,15 @@ _MAX_SESSIONS = 256  # hooks whose drop count is remembered
 
 class MessageQueue:
     """Bounded FIFO between the receive thread and its consumer, bounded in messages, in request
-    entries and in wire bytes."""
+    entries and in wire bytes; consecutive ``Steps`` of one session join (see the module docstring)."""
 
-    def __init__(self, max_entries: int, max_messages: int, max_bytes: int = 32 << 20):
+    def __init__(self, max_entries: int, max_messages: int, max_bytes: int = 32 << 20, *,
+                 gather_s: float = 0.02, merge_entries: int = 8192):
         self.max_entries = max_entries
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.gather_s = gather_s
+        self.merge_entries = merge_entries
         self._items: deque = deque()
         self._entries = 0
         self._bytes = 0
@@ -60,13 +68,21 @@ class MessageQueue:
     def put(self, item, n_entries: int, n_bytes: int = 0, t: float | None = None, gap: bool = False) -> bool:
         """Queue ``item`` holding ``n_entries`` entries; False (nothing queued) when it does not fit."""
         with self._cond:
-            if len(self._items) >= self.max_messages or (n_entries and self._entries + n_entries > self.max_entries) \
-                    or (self._items and self._bytes + n_bytes > self.max_bytes):
+            items = self._items
+            if len(items) >= self.max_messages or (n_entries and self._entries + n_entries > self.max_entries) \
+                    or (items and self._bytes + n_bytes > self.max_bytes):
                 return False
-            self._items.append((item, time.monotonic() if t is None else t, gap, n_entries, n_bytes))
+            was_empty = not items
+            tail = items[-1] if items and not gap else None
+            if tail is not None and tail[3] + n_entries <= self.merge_entries and _joins(tail[0], item):
+                tail[0].records.extend(item.records)
+                items[-1] = (tail[0], tail[1], tail[2], tail[3] + n_entries, tail[4] + n_bytes)
+            else:
+                items.append((item, time.monotonic() if t is None else t, gap, n_entries, n_bytes))
             self._entries += n_entries
             self._bytes += n_bytes
-            self._cond.notify()
+            if was_empty or self._ready():
+                self._cond.notify()  # the first item, or a batch worth waking for (see get_some)
             return True
 
     def get_all(self, timeout_s: float) -> list:
@@ -81,10 +97,18 @@ class MessageQueue:
             return items
 
     def get_some(self, timeout_s: float, max_entries: int) -> list:
-        """Like :meth:`get_all`, but at most about ``max_entries`` entries (at least one message)."""
+        """Like :meth:`get_all`, but at most about ``max_entries`` entries (at least one message); once
+        something is queued, waits until its oldest item is ``gather_s`` old, ``merge_entries`` entries
+        (or half a bound) are queued, or ``timeout_s`` has passed, whichever comes first."""
         with self._cond:
+            deadline = time.monotonic() + timeout_s
             if not self._items and timeout_s > 0:
                 self._cond.wait(timeout_s)
+            while self._items and not self._ready():
+                left = min(self._items[0][1] + self.gather_s, deadline) - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             out, n = [], 0
             while self._items and (not out or n + self._items[0][3] <= max_entries):
                 it = self._items.popleft()
@@ -93,6 +117,11 @@ class MessageQueue:
                 self._entries -= it[3]
                 self._bytes -= it[4]
             return out
+
+    def _ready(self) -> bool:
+        """Enough is queued to stop gathering: ``merge_entries`` entries, or half of any bound."""
+        return (self._entries >= min(self.merge_entries, self.max_entries // 2) or self._bytes >= self.max_bytes // 2
+                or len(self._items) >= self.max_messages // 2)
 
     def oldest_t(self) -> float | None:
         """When the oldest queued message was received (None when empty)."""
@@ -105,6 +134,12 @@ class MessageQueue:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _joins(queued, msg) -> bool:
+    """``msg`` may join the queued message: both ``Steps`` of one engine session."""
+    return (type(queued) is transport.Steps and type(msg) is transport.Steps and msg.session == queued.session
+            and msg.pid == queued.pid)
 
 
 def remove_stale_socket(path: str) -> None:

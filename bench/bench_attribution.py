@@ -37,6 +37,21 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 SPEED_SPEC = WorkloadSpec(requests=3000, rate_rps=10.0, output_max=1280, quiet_s=0.0, seed=1)
 
 
+def count_steps(path) -> tuple[int, int]:
+    """Steps and request-step entries in a steps file (either JSON-lines form)."""
+    from contextlib import closing
+
+    from wattprint.profiler.core.parallel import iter_step_columns
+
+    n_steps = n_entries = 0
+    with closing(iter_step_columns(path)) as chunks:
+        for times, entries in chunks:
+            n_steps += len(times)
+            n_entries += len(entries.prefill)
+    return n_steps, n_entries
+
+
+
 def speed(runs: int) -> None:
     g = geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
     hw = load_profile("h100-sxm")
@@ -49,11 +64,7 @@ def speed(runs: int) -> None:
         from wattprint.commands.convert import convert  # what `wattprint convert` runs
 
         convert(str(trace / "steps.jsonl"), str(trace / "steps.parquet"))
-    n_steps = n_entries = 0
-    with open(trace / "steps.jsonl", "rb") as f:
-        for line in f:
-            n_steps += 1
-            n_entries += line.count(b'"id"')
+    n_steps, n_entries = count_steps(trace / "steps.jsonl")
     size_mb = (trace / "steps.jsonl").stat().st_size / 1e6
     one = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -23,6 +23,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from bench_attribution import count_steps  # this directory: the benchmarks share it
+
 CACHE = Path(__file__).resolve().parent / ".cache"
 CHILD = """
 import glob, os, resource, sys, threading, time
@@ -41,13 +43,18 @@ def sample(peak, me=os.getpid()):  # this process and its live workers, every 20
         peak[0] = max(peak[0], sum(map(pss_kb, [me, *kids])))
         time.sleep(0.02)
 
+def hwm_kb():  # this process's own peak (ru_maxrss keeps the forking parent's across exec)
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+
 peak = [0]
 threading.Thread(target=sample, args=(peak,), daemon=True).start()
 t = time.perf_counter()
 rc = main(sys.argv[1:])
-print("RESULT", rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print("RESULT", rc, time.perf_counter() - t, hwm_kb() / 1024,
       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, peak[0] / 1024)
 """
+
 
 
 def trace(n: int) -> Path:
@@ -79,11 +86,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.requests:
         d = trace(n)
-        steps = entries = 0
-        with open(d / "steps.jsonl", "rb") as f:
-            for line in f:
-                steps += 1
-                entries += line.count(b'"id"')
+        steps, entries = count_steps(d / "steps.jsonl")
         cmd = [sys.executable, "-c", CHILD, "attribute", "--steps", str(d / "steps.jsonl"), "--energy",
                str(d / "energy.jsonl"), "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--out",
                str(d / "requests.jsonl"), "--summary", str(d / "summary.json"), "-q"]

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattprint.profiler.core.records import load_steps
+
 pytestmark = pytest.mark.vllm
 WATTPRINT = [sys.executable, "-m", "wattprint.cli"]
 MAX_BATCHED = 128  # small step budget: a long prompt is prefilled in several chunks
@@ -244,9 +246,9 @@ def test_profile_is_reproduced_by_attribute(model, tmp_path):
     reqs = {r["id"]: r for r in map(json.loads, (out / "requests.jsonl").read_text().splitlines())}
     assert set(reqs) == {"short", "long", "plain"}
     assert [reqs[r["id"]]["output_tokens"] for r in rows] == [5, 12, 20]  # --ignore-eos: exactly max_tokens
-    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    long_chunks = [e for s in steps for e in s["requests"] if e["id"] == "long" and e["prefill_tokens"] > 0]
-    assert len(long_chunks) >= 2 and sum(e["prefill_tokens"] for e in long_chunks) == reqs["long"]["prompt_tokens"]
+    steps = load_steps(out / "steps.jsonl").steps  # the requests as columns (what wattprint writes)
+    long_chunks = [e for s in steps for e in s.requests if e.id == "long" and e.prefill_tokens > 0]
+    assert len(long_chunks) >= 2 and sum(e.prefill_tokens for e in long_chunks) == reqs["long"]["prompt_tokens"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["attributed_j"] + summary["idle_j"] == pytest.approx(summary["measured_j"], rel=1e-9)
     assert summary["hardware"] and summary["model_config"].endswith("config.json")

@@ -4,6 +4,7 @@ with the same `FILE:ROW: reason`, and the rules it vectorises agree with their s
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from wattprint.cli import main
 from wattprint.errors import InputError
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.compact import CompactTrace
-from wattprint.profiler.core import parallel, records, validate
+from wattprint.profiler.core import chunkmeta, parallel, records, validate
 from wattprint.profiler.core import tracefiles as tf
 from wattprint.profiler.core.columnar import table_bytes
 from wattprint.profiler.core.records import RequestEntry, StepRecord, StepTimes, encode_line
@@ -228,13 +229,31 @@ def test_any_trace_on_two_cores_gives_the_same_columns_or_refusal(tmp_path, llam
         _same_compact(got, want)
 
 
-def _lines_with(trace, tmp_path, k, line):
-    lines = (trace / "steps.jsonl").read_bytes().splitlines(keepends=True)
+def _lines_with(source, tmp_path, k, line):
+    lines = source.read_bytes().splitlines(keepends=True)
     path = tmp_path / "steps.jsonl"
     path.write_bytes(b"".join(lines[:k] + [line] + lines[k + 1:]))
     return path
 
 
+def _changed(line: bytes, change: str, k: int) -> bytes:
+    """A steps line (either form) with its step number set back (OLD) or its first request scheduling no
+    tokens (NOTOKENS)."""
+    d = json.loads(line)
+    if change == "OLD":
+        d["step"] = k - 2
+    else:
+        reqs = d["requests"]
+        first = reqs[0] if isinstance(reqs, list) else None
+        for name in ("prefill_tokens", "decode_tokens"):
+            if first is not None:
+                first[name] = 0
+            else:
+                reqs[name][0] = 0
+    return json.dumps(d).encode() + b"\n"
+
+
+@pytest.mark.parametrize("form", ["columns", "entries"])
 @pytest.mark.parametrize("where", ["inside", "first"])
 @pytest.mark.parametrize("bad,message", [
     (b"{oops\n", "malformed JSON"),
@@ -243,24 +262,28 @@ def _lines_with(trace, tmp_path, k, line):
     (b'{"step":1,"t_start":0,"t_end":-1,"requests":[]}\n', "is before t_start"),
     (b"NOTOKENS", "scheduled with no tokens"),
 ])
-def test_a_bad_line_in_a_later_chunk_is_named_as_the_sequential_path_names_it(trace, tmp_path, where, bad, message):
+def test_a_bad_line_in_a_later_chunk_is_named_as_the_sequential_path_names_it(trace, tmp_path, where, bad, message,
+                                                                              form):
     """A bad line inside a later chunk (a worker's), or first in its chunk (checked against the chunk
-    before by the parent): `FILE:LINE: reason` as read sequentially; no worker left behind."""
-    chunk_bytes = 4000
-    with open(trace / "steps.jsonl", "rb") as f:
-        spans = list(parallel._chunk_bounds(f.fileno(), (trace / "steps.jsonl").stat().st_size, chunk_bytes))
+    before by the parent): `FILE:LINE: reason` as read sequentially; no worker left behind. Steps written
+    with their requests as columns (what wattprint writes) or one object each (older files)."""
+    source = trace / "steps.jsonl"
+    if form == "entries":
+        source = tmp_path / "entries.jsonl"
+        source.write_bytes(b"".join(map(encode_line, records.load_steps(trace / "steps.jsonl").steps)))
+    chunk_bytes = 4000 if form == "entries" else 1500
+    with open(source, "rb") as f:
+        spans = list(parallel._chunk_bounds(f.fileno(), source.stat().st_size, chunk_bytes))
         start, end = spans[len(spans) * 2 // 3 | 1]
         k = first = f.read(start).count(b"\n")
         if where == "inside":  # its last line
             k += f.read(end - start).count(b"\n") - 1
             assert k > first
-    old = (trace / "steps.jsonl").read_bytes().splitlines(keepends=True)[k]
-    if bad == b"OLD":
-        bad = old.replace(b'"step":%d,' % k, b'"step":%d,' % (k - 2))
-    elif bad == b"NOTOKENS":
-        bad = old.replace(b'"prefill_tokens":', b'"prefill_tokens":0,"x":', 1).replace(b'"decode_tokens":1', b'"decode_tokens":0', 1)
+    old = source.read_bytes().splitlines(keepends=True)[k]
+    if bad in (b"OLD", b"NOTOKENS"):
+        bad = _changed(old, bad.decode(), k)
     assert bad != old
-    path = _lines_with(trace, tmp_path, k, bad)
+    path = _lines_with(source, tmp_path, k, bad)
     errors = []
     for chunks in (records.iter_step_chunks(path, chunk_bytes), _parallel(path, chunk_bytes)):
         with pytest.raises(InputError) as exc:
@@ -290,7 +313,7 @@ def test_metadata_given_on_a_later_entry_of_a_later_chunk(tmp_path, llama8b, mon
     path = tmp_path / "s.jsonl"
     path.write_bytes(b"".join(map(encode_line, _steps(rows))))
     asked = []
-    monkeypatch.setattr(parallel.SparseMeta, "__call__", lambda self, idx, real=parallel.SparseMeta.__call__:
+    monkeypatch.setattr(chunkmeta.SparseMeta, "__call__", lambda self, idx, real=chunkmeta.SparseMeta.__call__:
                         asked.append(self.scanned) or real(self, idx))
     for chunk_bytes in (2000, 3000):
         ref = _compact(llama8b, records.iter_step_chunks(path, chunk_bytes))

@@ -16,7 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
+
+from wattprint.profiler.core.records import load_steps
 
 pytestmark = pytest.mark.vllm
 WATTPRINT = [sys.executable, "-m", "wattprint.cli"]
@@ -90,9 +93,9 @@ def test_profile_counts_tokens_and_conserves_energy(model, prompt_tokens, tmp_pa
 
     # what the hook recorded: the prefix-cache hit as the first entry's context, the engine's output count
     entries: dict[str, list[dict]] = {}
-    for step in _jsonl(out / "steps.jsonl"):
-        for e in step["requests"]:
-            entries.setdefault(e["id"], []).append(e)
+    for step in load_steps(out / "steps.jsonl").steps:  # the requests as columns (what wattprint writes)
+        for e in step.requests:
+            entries.setdefault(e.id, []).append(msgspec.structs.asdict(e))
     for p in PROMPTS:
         es = entries[p["id"]]
         assert es[0].get("context_tokens", 0) == reqs[p["id"]]["cached_prompt_tokens"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from gpuval.engine import Engine, Entry
 from gpuval.probe import Probe
 from wattprint.files import atomic_write
-from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line
+from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line, step_line
 from wattprint.profiler.sidecar.sinks import SimulatedLoad
 from wattprint.profiler.timeline.sampler import EnergyTimeline
 
@@ -44,7 +44,7 @@ class Run:
     def write(self, out_dir: Path) -> dict:
         steps = out_dir / f"{self.name}.steps.jsonl"
         energy = out_dir / f"{self.name}.energy.jsonl"
-        atomic_write(steps, b"".join(encode_line(r) for r in self.records), mode=0o600)
+        atomic_write(steps, b"".join(step_line(r) for r in self.records), mode=0o600)
         atomic_write(energy, b"".join(encode_line(s) for s in self.samples), mode=0o600)
         return {"steps": str(steps), "energy": str(energy)}
 

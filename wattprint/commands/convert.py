@@ -23,7 +23,7 @@ def convert(src: str, dst: str, kind: str | None = None) -> tuple[str, int, dict
     from wattprint.profiler.core import resultfiles as rf
     from wattprint.profiler.core import tracefiles as tf
     from wattprint.profiler.core.columnar import is_parquet, table_bytes
-    from wattprint.profiler.core.records import encode_line
+    from wattprint.profiler.core.records import encode_line, step_line
 
     if is_parquet(src) == is_parquet(dst):
         raise InputError(f"{src} and {dst} are both {'Parquet' if is_parquet(src) else 'JSON lines'}: "
@@ -35,7 +35,7 @@ def convert(src: str, dst: str, kind: str | None = None) -> tuple[str, int, dict
         trace = tf.load_steps_any(src)
         n = len(trace.steps)
         data = (table_bytes(tf.steps_table(trace), kind) if to_parquet
-                else b"".join(map(encode_line, trace.steps)))
+                else b"".join(map(step_line, trace.steps)))
     elif kind == "energy":
         samples = tf.read_energy_any(src)
         n = len(samples)

@@ -80,7 +80,7 @@ def run_profile(args) -> int:
     from wattprint.files import atomic_write
     from wattprint.profiler.attribution.offline import attribute
     from wattprint.profiler.core.costmodel import geometry_from_config
-    from wattprint.profiler.core.records import EnergySample, encode_line
+    from wattprint.profiler.core.records import EnergySample, encode_line, step_line
     from wattprint.profiler.meters.auto import open_meter
     from wattprint.profiler.sidecar.daemon import Sidecar
     from wattprint.profiler.sidecar.recorder import TraceRecorder
@@ -131,7 +131,7 @@ def run_profile(args) -> int:
                                                   for r in s.requests]) for s in recorder.steps()]
     # from 2 s before the first step: the engine's start-up is not part of the workload
     samples = [EnergySample(r.t_s, d, e, meter.source) for r in recorder.readings() for d, e in enumerate(r.energy_j)]
-    atomic_write(out / "steps.jsonl", b"".join(encode_line(s) for s in steps))
+    atomic_write(out / "steps.jsonl", b"".join(map(step_line, steps)))
     atomic_write(out / "energy.jsonl", b"".join(encode_line(e) for e in samples))
     model_name = geometry.name  # the name `wattprint attribute` gives the same config, so its output matches
     result = attribute(steps, samples, geometry, hw, source=meter.source, model_name=model_name,

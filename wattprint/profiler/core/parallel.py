@@ -1,6 +1,8 @@
 """``steps.jsonl`` decoded on the cores the process may use: forked workers decode chunks of whole lines
 into their columns (no Python object per entry crosses the pipe), this process too while the next chunk
 is not ready; it takes the chunks in file order, a bounded number ahead, and checks the order across them.
+Lines giving their requests as columns (what wattprint writes) are read into columns without a Python
+object per entry (:func:`step_columns`), on one core as on several.
 
 The chunks are the ones :func:`records.iter_step_chunks` reads, so the compact trace built from them is
 the same. A chunk that cannot be taken as columns (a bad record, a step out of order with the chunk
@@ -14,25 +16,30 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_not
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 
 from wattprint.errors import InputError
-from wattprint.profiler.core import records
-from wattprint.profiler.core.records import EntryArrays, StepTimes, check_entries, check_times, entry_metadata
+from wattprint.profiler.core import chunkmeta, records
+from wattprint.profiler.core.records import (
+    EntryArrays,
+    StepRecord,
+    StepTimes,
+    check_entries,
+    check_times,
+)
+from wattprint.profiler.core.stepcolumns import ColumnMeta, RawColumns, raw_columns
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
+CHUNK_BYTES = records.CHUNK_BYTES
+QUEUED = 2  # results a worker may have done that this process has not taken yet
+_get_requests = attrgetter("requests")
 
-CHUNK_BYTES = 8 << 20
-_get_stratum, _get_prompt, _get_requests = attrgetter("stratum"), attrgetter("prompt_tokens"), attrgetter("requests")
-_scan = None  # while chunks are read in parallel: shared, set once a request's metadata needed a scan
-_NO_META = (None, None, None)
+
+_line_decoder = msgspec.json.Decoder(records.StepLine[RawColumns])  # ids, prefill, decode raw
 
 
 def usable_cores() -> int:
@@ -54,49 +61,78 @@ def iter_step_columns(path: str | Path, chunk_bytes: int = CHUNK_BYTES, cores: i
     except OSError:
         size = 0  # the sequential path reports it
     if cores < 2 or size <= 2 * chunk_bytes or _in_worker():
-        yield from records.iter_step_chunks(path, chunk_bytes)
-        return
-    yield from _parallel(str(path), size, chunk_bytes, cores)
+        yield from _sequential(path, chunk_bytes)
+    else:
+        yield from _parallel(str(path), size, chunk_bytes, cores)
+
+
+def _sequential(path: str | Path, chunk_bytes: int) -> Iterator[tuple[StepTimes | list, EntryArrays]]:
+    """:func:`records.iter_step_chunks` with lines as columns; chunks scanned for metadata only once one
+    needed it (as the workers do)."""
+    chunkmeta.flag = chunkmeta.Flag()
+    try:
+        yield from records.iter_step_chunks(path, chunk_bytes, _compact_columns)
+    finally:
+        chunkmeta.flag = None
 
 
 def _parallel(path: str, size: int, chunk_bytes: int, cores: int) -> Iterator[tuple[StepTimes | list, EntryArrays]]:
-    """``cores - 1`` forked workers kept fed with chunks (two each); this process takes them in order,
-    and decodes a later chunk itself while the next is not ready (at most ``2 * cores`` chunks ahead:
-    bounded memory, whichever core is the slower)."""
-    import multiprocessing  # here: ~20 ms of imports the sequential path does without
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    """``cores - 1`` forked workers and this process take chunks from one shared counter (no thread
+    hands them over); a worker writes each result to a private unlinked file and sends where it lies.
+    This process takes the chunks in order and decodes the next chunk itself while the one it needs is
+    not ready. This process decodes at most ``2 * cores`` chunks ahead of the one it takes, a worker at
+    most ``QUEUED`` (bounded memory, whichever core is the slower); a worker that dies leaves its chunks,
+    and the rest, to this process."""
+    import multiprocessing  # here: imports the sequential path does without
+    import pickle
+    import tempfile
+    from multiprocessing.connection import wait
 
-    global _scan
-    _scan = multiprocessing.get_context("fork").RawValue("b", 0)  # shared with the workers
-    pool = ProcessPoolExecutor(cores - 1, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_worker_init, initargs=(os.getpid(), _scan))
     try:
+        stores = [[tempfile.TemporaryFile() for _ in range(QUEUED)] for _ in range(cores - 1)]  # 0600, no name
+    except OSError:  # no temporary directory to write in: read here alone
+        yield from _sequential(path, chunk_bytes)
+        return
+    ctx = multiprocessing.get_context("fork")
+    chunkmeta.flag = scan = ctx.RawValue("b", 0)  # shared with the workers
+    ahead = 2 * cores
+    with open(path, "rb") as f:
+        spans = list(_chunk_bounds(f.fileno(), size, chunk_bytes))
+    n, taken, lock = len(spans), ctx.RawValue("q", 0), ctx.Lock()
+    slots = [ctx.Semaphore(QUEUED) for _ in range(cores - 1)]  # a worker's results not yet taken
+    reader, writer = ctx.Pipe(duplex=False)
+    workers = [ctx.Process(target=_work, daemon=True, args=(path, spans, taken, lock, slots[k], writer, stores[k], k,
+                                                            os.getpid(), scan)) for k in range(cores - 1)]
+    try:
+        for w in workers:
+            w.start()
+        writer.close()
+        got: dict[int, tuple] = {}  # chunks the workers have done: (worker, file, size)
+        here: dict[int, tuple | None] = {}  # chunks decoded here ahead of their turn
+        live = {w.sentinel: w for w in workers}
+        prev: StepTimes | None = None
+        i, broken = 0, False
         with open(path, "rb") as f:
-            bounds, spans = _chunk_bounds(f.fileno(), size, chunk_bytes), []
-
-            def take() -> int | None:  # the next chunk's number (None: the file is done)
-                span = next(bounds, None)
-                return None if span is None else spans.append(span) or len(spans) - 1
-
-            futures: dict[int, Future] = {}
-            here: dict[int, tuple | None] = {}  # chunks decoded here ahead of their turn
-            prev: StepTimes | None = None
-            i, broken = 0, False
-            while True:
-                while not broken and len(futures) < 2 * (cores - 1) and len(spans) - i < 2 * cores \
-                        and (j := take()) is not None:
-                    futures[j] = pool.submit(_decode_chunk, path, *spans[j])  # the workers fed
-                if i == len(spans) and take() is None:
-                    break
-                if i in futures and not futures[i].done() and len(spans) - i < 2 * cores \
-                        and (j := take()) is not None:  # not ready: take a later chunk meanwhile
-                    here[j] = _decode_chunk(path, *spans[j])
+            while i < n:
+                if i not in here and i not in got:
+                    if broken:
+                        here[i] = None  # read below by the sequential code
+                    elif taken.value < min(n, i + ahead):  # the next chunk, decoded here meanwhile
+                        j = _take(taken, lock)
+                        broken = j is None
+                        if not broken and j < n:
+                            here[j] = _decode_chunk(path, *spans[j])
+                    else:  # wait for a worker's chunk, or its end
+                        broken = _receive(wait([reader, *live]), reader, live, got)
+                    if broken:  # a worker was killed (out of memory?): the rest is read here
+                        _stop(workers)
                     continue
-                try:
-                    out = here.pop(i) if i in here else futures.pop(i).result() if i in futures else None
-                except BrokenProcessPool:  # a worker was killed (out of memory?): the rest is read here
-                    out, broken = None, True
+                if i in here:
+                    out = here.pop(i)
+                else:
+                    k, slot, nbytes = got.pop(i)
+                    out = pickle.loads(os.pread(stores[k][slot].fileno(), nbytes, 0))
+                    slots[k].release()
                 if out is not None and prev is not None and len(out[0]):
                     try:
                         check_times(StepTimes(out[0].step[:1], out[0].t_start[:1], out[0].t_end[:1]), path, None, prev)
@@ -109,10 +145,101 @@ def _parallel(path: str, size: int, chunk_bytes: int, cores: int) -> Iterator[tu
                     yield out
                 i += 1
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        _scan = None
+        _stop(workers)
+        reader.close()
+        for f in chain.from_iterable(stores):
+            f.close()
+        chunkmeta.flag = None
     if prev is None:
         raise InputError("no steps", path)
+
+
+def _receive(ready: list, reader, live: dict, got: dict) -> bool:
+    """Note what the workers sent (``got``: chunk -> worker, file, size) and which ended; True: one was
+    killed, or every one is gone."""
+    broken = False
+    for r in ready:
+        if r is reader:
+            try:
+                j, k, slot, nbytes = reader.recv()
+                got[j] = (k, slot, nbytes)
+            except EOFError:
+                broken = True
+        elif live.pop(r).exitcode != 0:
+            broken = True
+    return broken
+
+
+def _stop(workers: list) -> None:
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+        w.join()
+
+
+def _take(taken, lock) -> int | None:
+    """The next chunk's number from the counter the processes share (None: a worker died holding the
+    lock, so the rest is read here)."""
+    if not lock.acquire(timeout=10):
+        return None
+    try:
+        j = taken.value
+        taken.value = j + 1
+        return j
+    finally:
+        lock.release()
+
+
+def _work(path: str, spans: list[tuple[int, int]], taken, lock, slots, conn, files: list, k: int,
+          parent: int, scan) -> None:
+    """A worker: chunks from the shared counter until none is left, each result pickled into the next of
+    its files (a file is reused once its result was taken: at most ``len(files)`` results wait)."""
+    _worker_init(parent, scan)
+    import pickle
+
+    m = 0
+    while True:
+        slots.acquire()
+        j = _take(taken, lock)
+        if j is None or j >= len(spans):
+            break
+        data = pickle.dumps(_decode_chunk(path, *spans[j]), protocol=pickle.HIGHEST_PROTOCOL)
+        os.pwrite(files[m % len(files)].fileno(), data, 0)
+        conn.send((j, k, m % len(files), len(data)))
+        m += 1
+    conn.close()
+
+
+def step_columns(data: bytes | memoryview, path: str,
+                 prev: StepRecord | StepTimes | None) -> tuple[StepTimes | list[StepRecord], EntryArrays] | None:
+    """A chunk of whole lines, validated (``prev``: the step before them): lines with their requests as
+    columns become columns without a Python object per entry, lines with an object per entry records (as
+    :func:`records.decode_chunk` gives them). None: a chunk mixing both forms, or one with a problem
+    :func:`records.decode_chunk` names (errors name the chunk's line, as it names them)."""
+    try:
+        lines = _line_decoder.decode_lines(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    cols = [r for r in map(_get_requests, lines) if type(r) is RawColumns]
+    if not cols:
+        steps = records.as_records(lines, path, data)
+        return steps, records.validate_steps(steps, path, data, prev=prev)
+    if len(cols) < len(lines) or (columns := raw_columns(cols)) is None:
+        return None
+    times = StepTimes.of(lines)
+    check_times(times, path, data, StepTimes.of([prev]) if isinstance(prev, StepRecord) else prev)
+    slot, slot_ids, (pre, dec, ctx), offsets = columns
+    e = EntryArrays(None, slot, slot_ids, pre, dec, ctx, offsets, meta=ColumnMeta(cols, offsets))
+    check_entries(e, path, data)
+    return times, e
+
+
+def _compact_columns(data: bytes | memoryview, path: str, prev: StepRecord | StepTimes | None):
+    """:func:`step_columns` keeping of the lines only the metadata the rule reads (the lines freed)."""
+    out = step_columns(data, path, prev)
+    if out is not None and isinstance(out[1].meta, ColumnMeta):
+        out[1].meta = chunkmeta.sparse(out[1], path, (0, 0), data)
+    return out
 
 
 def _in_worker() -> bool:
@@ -151,13 +278,12 @@ def _last_newline(fd: int, start: int, end: int) -> int:
 
 def _sequential_chunk(fd: int, path: str, span: tuple[int, int], prev: StepTimes | None):
     data = os.pread(fd, span[1] - span[0], span[0])
-    return records.decode_chunk(data, path, prev, lambda: os.pread(fd, span[0], 0).count(b"\n"))
+    return records.decode_chunk(data, path, prev, lambda: os.pread(fd, span[0], 0).count(b"\n"), _compact_columns)
 
 
 def _worker_init(parent: int, scan) -> None:
     """A worker ignores Ctrl-C (the parent stops the pool) and dies with the parent (Linux)."""
-    global _scan
-    _scan = scan
+    chunkmeta.flag = scan
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
@@ -176,72 +302,17 @@ def _decode_chunk(path: str, start: int, end: int) -> tuple[StepTimes, EntryArra
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), end - start, start)
     try:
-        with records.gc_paused():
-            steps = records._step_decoder.decode_lines(data)
-        del data
-        times = StepTimes.of(steps)
-        check_times(times, path, None)
-        e = records.entry_arrays(steps)
-        check_entries(e, path, None)
-    except (InputError, msgspec.DecodeError, msgspec.ValidationError):
+        with records.gc_paused():  # the lines freed before the collector could traverse them
+            out = step_columns(data, path, None)
+            if out is None:
+                return None
+            steps, e = out
+            meta = chunkmeta.sparse(e, path, (start, end))
+            del out, e.meta
+    except InputError:
         return None
-    scan = _scan is None or bool(_scan.value)
-    meta = SparseMeta(_needed_metadata(e.reqs, e.slot, scan), scan, path, (start, end))
+    times = steps if isinstance(steps, StepTimes) else StepTimes.of(steps)
     e.reqs = None
     cols = (e.slot, e.prefill, e.decode, e.context)
     slot, pre, dec, ctx = (c.astype(np.int32) for c in cols)  # counts validated below 2**24
     return times, EntryArrays(None, slot, e.slot_ids, pre, dec, ctx, e.offsets, meta=meta)
-
-
-class SparseMeta:
-    """The optional fields of the entries the request-metadata rule reads: each request's first and last
-    entry in the chunk and, ``scanned``, its first giving a stratum, and a prompt length (others read as
-    not given: the rule takes the first stratum and prompt length given and the output count of the last
-    entry, so it finds in these what it finds in all). Not ``scanned`` (a request whose first entry here
-    lacks them is most often one whose earlier chunk gave them: the rule looks no further), the rule's
-    asking for other entries decodes the chunk again here, and has later chunks scanned."""
-
-    def __init__(self, values: dict[int, tuple], scanned: bool, path: str, span: tuple[int, int]):
-        self.values, self.scanned, self.path, self.span = values, scanned, path, span
-
-    def __call__(self, idx: list[int]) -> tuple[list, list, list]:
-        if not self.scanned and not all(map(self.values.__contains__, idx)):
-            if _scan is not None:
-                _scan.value = 1
-            with open(self.path, "rb") as f, records.gc_paused():
-                steps = records._step_decoder.decode_lines(os.pread(f.fileno(), self.span[1] - self.span[0],
-                                                                    self.span[0]))
-            return entry_metadata(list(chain.from_iterable(map(_get_requests, steps))), idx)
-        rows = list(map(self.values.get, idx, repeat(_NO_META)))
-        if not rows:
-            return [], [], []
-        return tuple(map(list, zip(*rows)))
-
-
-def _needed_metadata(reqs: list, slot: np.ndarray, scan: bool) -> dict[int, tuple]:
-    n = len(slot)
-    if not n:
-        return {}
-    pos = np.arange(n)
-    first = np.full(int(slot.max()) + 1, n)
-    first[slot[::-1]] = pos[::-1]
-    last = np.zeros(len(first), dtype=np.int64)
-    last[slot] = pos
-    keep = [first, last]
-    if scan:
-        strata, prompts, _ = entry_metadata(reqs, first.tolist())
-        if None in strata:  # each request's first entry giving a stratum (the rule's own test)
-            keep.append(_firsts(slot, compress(range(n), map(is_not, map(_get_stratum, reqs), repeat(None)))))
-        if not all(prompts):  # and a prompt length
-            keep.append(_firsts(slot, compress(range(n), map(_get_prompt, reqs))))
-    return _values(reqs, keep)
-
-
-def _firsts(slot: np.ndarray, indices: Iterator[int]) -> np.ndarray:
-    idx = np.fromiter(indices, np.int64)
-    return idx[np.unique(slot[idx], return_index=True)[1]]
-
-
-def _values(reqs: list, keep: list[np.ndarray]) -> dict[int, tuple]:
-    keep_list = np.unique(np.concatenate(keep)).tolist()
-    return dict(zip(keep_list, zip(*entry_metadata(reqs, keep_list))))

@@ -1,6 +1,7 @@
 """Record formats shared by every stage (documented in ``docs/formats.md``).
 
-* ``steps.jsonl`` - one :class:`StepRecord` a line.
+* ``steps.jsonl`` - one :class:`StepRecord` a line, its requests as columns (:func:`step_line`, the one
+  writer; :mod:`wattprint.profiler.core.stepcolumns`) or, as older files have them, one object each.
 * ``energy.jsonl`` - one :class:`EnergySample` a line: cumulative joules of one device.
 
 Extra fields are allowed and ignored. Parsing is strict about types (an int field given a float or
@@ -19,12 +20,15 @@ from functools import partial
 from itertools import count
 from operator import attrgetter
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import msgspec
 import numpy as np
 
 from wattprint.errors import InputError
+from wattprint.profiler.core import stepcolumns as columns
 from wattprint.profiler.core import validate
+from wattprint.profiler.core.stepcolumns import RequestColumns, clamp
 
 
 class RequestEntry(msgspec.Struct, omit_defaults=True, gc=False):
@@ -54,6 +58,20 @@ class StepRecord(msgspec.Struct, omit_defaults=True):
     model: str | None = None
 
 
+Columns = TypeVar("Columns")
+
+
+class StepLine(msgspec.Struct, Generic[Columns], omit_defaults=True):
+    """A steps.jsonl line as read or written: a :class:`StepRecord` whose requests may be ``Columns``
+    (:class:`RequestColumns`; the column reader's raw variant)."""
+
+    step: int
+    t_start: float
+    t_end: float
+    requests: list[RequestEntry] | Columns
+    model: str | None = None
+
+
 class EnergySample(msgspec.Struct, gc=False):
     """A poll of one device's cumulative energy counter."""
 
@@ -65,13 +83,31 @@ class EnergySample(msgspec.Struct, gc=False):
 
 _get_id, _get_pre, _get_dec, _get_ctx = (attrgetter(f) for f in ("id", "prefill_tokens", "decode_tokens", "context_tokens"))
 _get_t0, _get_t1, _get_step = attrgetter("t_start"), attrgetter("t_end"), attrgetter("step")
-_step_decoder = msgspec.json.Decoder(StepRecord)
+_step_decoder = msgspec.json.Decoder(StepLine[RequestColumns])
+_get_requests = attrgetter("requests")
 _energy_decoder = msgspec.json.Decoder(EnergySample)
 _encoder = msgspec.json.Encoder()
+CHUNK_BYTES = 2 << 20  # steps.jsonl is read this much at a time (~30 k entries of objects, ~90 k of columns)
 
 
 def encode_line(obj) -> bytes:
     return _encoder.encode(obj) + b"\n"
+
+
+def step_line(s: StepRecord) -> bytes:
+    """THE writer of a steps.jsonl line: the step, its requests as columns."""
+    return _encoder.encode(StepLine(s.step, s.t_start, s.t_end, columns.of_entries(s.requests), s.model)) + b"\n"
+
+
+def as_records(lines: list[StepLine], path: str, data: bytes | None) -> list[StepRecord]:
+    """Decoded lines as records (columns made entries); a step whose lists do not all have one value
+    per request is refused naming its line of ``data``."""
+    cols = [r for r in map(_get_requests, lines) if type(r) is RequestColumns]
+    if cols and (problem := columns.length_problem(cols)):
+        _fail(next(i for i, s in enumerate(lines) if s.requests is cols[problem[0]]), problem[1], path, data)
+    with gc_paused():
+        return [StepRecord(s.step, s.t_start, s.t_end, s.requests if type(s.requests) is list
+                           else list(map(RequestEntry, *columns.entry_fields(s.requests))), s.model) for s in lines]
 
 
 def is_parquet(path: str | Path) -> bool:
@@ -169,16 +205,11 @@ class StepTimes:
         try:
             num = np.fromiter(map(_get_step, steps), float, n)
         except OverflowError:  # a step number beyond float range: clamped, still out of range
-            num = np.fromiter(map(_clamp, map(_get_step, steps)), float, n)
+            num = np.fromiter(map(clamp, map(_get_step, steps)), float, n)
         return cls(num, np.fromiter(map(_get_t0, steps), float, n), np.fromiter(map(_get_t1, steps), float, n))
 
     def last(self) -> StepTimes:
         return StepTimes(self.step[-1:], self.t_start[-1:], self.t_end[-1:])
-
-
-def _clamp(x: int) -> int:
-    """An integer from outside, brought into int64 (values this far out are refused by the record rule)."""
-    return min(max(x, -(1 << 62)), 1 << 62)
 
 
 def entry_arrays(steps: list[StepRecord]) -> EntryArrays:
@@ -194,7 +225,7 @@ def entry_arrays(steps: list[StepRecord]) -> EntryArrays:
         try:
             cols = [np.fromiter(map(g, reqs), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
         except OverflowError:  # a count beyond int64 (JSON ints are unbounded): clamped, still out of range
-            cols = [np.fromiter(map(_clamp, map(g, reqs)), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
+            cols = [np.fromiter(map(clamp, map(g, reqs)), np.int64, n) for g in (_get_pre, _get_dec, _get_ctx)]
     return EntryArrays(reqs, slot, list(interned), cols[0], cols[1], cols[2], offsets)
 
 
@@ -269,14 +300,16 @@ def check_entries(e: EntryArrays, path: str, data: bytes | None) -> None:
 def load_steps(path: str | Path) -> StepTrace:
     """Parse and validate ``steps.jsonl``, keeping the entries as columns for the attribution."""
     data = read_bytes(path)
-    steps = decode_lines(data, _step_decoder, str(path))
+    steps = as_records(decode_lines(data, _step_decoder, str(path)), str(path), data)
     entries = validate_steps(steps, str(path), data)
     return StepTrace(steps, entries, str(path), data)
 
 
-def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
+def iter_step_chunks(path: str | Path, chunk_bytes: int = CHUNK_BYTES,
+                     convert: Callable | None = None) -> Iterator[tuple[list[StepRecord], EntryArrays]]:
     """Parse and validate ``steps.jsonl`` a chunk of whole lines at a time (bounded memory: only one
-    chunk's records exist at once); order is checked across chunks, errors name the file's line."""
+    chunk's records exist at once); order is checked across chunks, errors name the file's line.
+    ``convert(data, path, prev)``: what a chunk gives instead of records (None: the records)."""
     path_s = str(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -290,10 +323,10 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
             cut = data.rfind(b"\n") + 1 if block else len(data)
             rest = data[cut:]
             data = memoryview(data)[:cut]  # whole lines, not copied
-            steps, entries = decode_chunk(data, path_s, prev, partial(_lines_before, path, offset))
-            if steps:
+            steps, entries = decode_chunk(data, path_s, prev, partial(_lines_before, path, offset), convert)
+            if len(steps):
                 any_steps = True
-                prev = steps[-1]
+                prev = steps.last() if isinstance(steps, StepTimes) else steps[-1]
                 yield steps, entries
             offset += len(data)
             if not block:
@@ -303,12 +336,18 @@ def iter_step_chunks(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[t
 
 
 def decode_chunk(data: bytes | memoryview, path: str, prev: StepRecord | StepTimes | None,
-                 lines_before: Callable[[], int]) -> tuple[list[StepRecord], EntryArrays | None]:
+                 lines_before: Callable[[], int], convert: Callable | None = None) -> tuple[list[StepRecord], EntryArrays | None]:
     """Decode and validate a chunk of whole lines of ``path`` (``prev``: the step before it); an error
     names the file's line, ``lines_before()`` counting the lines before the chunk."""
     try:
-        steps = decode_lines(data, _step_decoder, path) if data else []
-        return steps, validate_steps(steps, path, data, prev=prev) if steps else None
+        with gc_paused():  # and the decoded lines freed before the collector could traverse them
+            out = convert(data, path, prev) if convert is not None and data else None
+            if out is None:
+                lines = decode_lines(data, _step_decoder, path) if data else []
+                steps = as_records(lines, path, data)
+                out = steps, validate_steps(steps, path, data, prev=prev) if steps else None
+                del lines, steps
+        return out
     except InputError as exc:
         if exc.line is None:
             raise

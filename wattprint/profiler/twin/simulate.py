@@ -23,7 +23,7 @@ from wattprint.files import open_private, private_dir
 from wattprint.profiler.core import costmodel as cm
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
-from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line
+from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line, step_line
 from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
 
 STRATA = ("critical", "science", "productive", "agentic")
@@ -75,7 +75,7 @@ class SimResult:
         out = private_dir(out_dir)
         with open_private(out / "steps.jsonl") as f:
             for s in self.steps:
-                f.write(encode_line(s))
+                f.write(step_line(s))
         with open_private(out / "energy.jsonl") as f:
             for e in self.energy:
                 f.write(encode_line(e))

@@ -100,7 +100,7 @@ class OnlineAttributor:
         time was already settled (as idle) is counted in ``late_steps`` and not attributed.
         ``stratum_of`` normalises a stratum when a request's record takes it (default: as given);
         ``entries``: the prefill, decode and context tokens of every entry of ``steps``, when the caller
-        extracted them already."""
+        extracted them already (the sidecar passes an ``entries.EntryColumns``: ids, finished, outputs too)."""
         added, last = classify(steps, self._last, self._settled_until)
         self.late_steps += len(added.late)
         if not added.accepted:

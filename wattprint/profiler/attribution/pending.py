@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter
 
 import numpy as np
 
 from wattprint.errors import InputError
 from wattprint.profiler.attribution.columns import StepColumns
+from wattprint.profiler.attribution.entries import Entries, EntryColumns
 from wattprint.profiler.attribution.table import RequestTable
 from wattprint.profiler.core.costmodel import ModelGeometry
 
@@ -330,48 +331,3 @@ def entry_columns(reqs: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prefill, decode and context tokens of entries (C loops)."""
     n = len(reqs)
     return tuple(np.fromiter(map(g, reqs), np.int64, n) for g in (_pre, _dec, _ctx))
-
-
-class Entries(list):
-    """Entries (flattened, in order) with the columns the intake reads, taken once: ``ids``,
-    ``finished`` (indices of the entries marked finished), ``given`` (indices of the entries giving an
-    output count) and ``output`` (those counts)."""
-
-    __slots__ = ("ids", "finished", "given", "output")
-
-    @classmethod
-    def of(cls, reqs: Sequence, ids: list[str] | None = None) -> Entries:
-        e = cls(reqs)
-        e.ids = [r.id for r in reqs] if ids is None else ids
-        e.finished = [i for i, r in enumerate(reqs) if r.finished]
-        outs = [r.output_tokens for r in reqs]
-        e.given = [] if outs.count(None) == len(outs) else [i for i, x in enumerate(outs) if x is not None]
-        e.output = [outs[i] for i in e.given]
-        return e
-
-    def select(self, mask: np.ndarray) -> Entries:
-        """The entries where ``mask`` (one bool per entry) holds."""
-        keep = mask.tolist()
-        return Entries.of(list(compress(self, keep)), list(compress(self.ids, keep)))
-
-
-class EntryColumns(tuple):
-    """The (prefill, decode, context) int64 token columns of a batch's entries (a 3-tuple, as
-    :func:`entry_columns` gives), with the entries themselves (:class:`Entries`, ``entries``) and each
-    step's entry count (``counts``): everything the add needs, extracted once by the ingestion check."""
-
-    entries: Entries
-    counts: np.ndarray
-
-    def __new__(cls, prefill: np.ndarray, decode: np.ndarray, context: np.ndarray, entries: Entries,
-                counts: np.ndarray) -> EntryColumns:
-        self = super().__new__(cls, (prefill, decode, context))
-        self.entries, self.counts = entries, counts
-        return self
-
-    def select(self, steps: Sequence[int]) -> EntryColumns:
-        """The columns of the steps ``steps`` (indices, increasing)."""
-        keep = np.zeros(len(self.counts), dtype=bool)
-        keep[list(steps)] = True
-        mask = np.repeat(keep, self.counts)
-        return EntryColumns(*(c[mask] for c in self), self.entries.select(mask), self.counts[keep])

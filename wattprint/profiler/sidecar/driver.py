@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from itertools import chain
 
 from wattprint.errors import InputError
-from wattprint.profiler.attribution.pending import EntryColumns
+from wattprint.profiler.attribution.entries import EntryColumns
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wattprint.profiler.attribution.pending import Entries, EntryColumns
+from wattprint.profiler.attribution.entries import Entries, EntryColumns
 from wattprint.profiler.core import validate as rule
 from wattprint.profiler.core.strata import normalize
 from wattprint.profiler.transport import messages as transport

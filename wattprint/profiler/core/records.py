@@ -28,7 +28,8 @@ import numpy as np
 from wattprint.errors import InputError
 from wattprint.profiler.core import stepcolumns as columns
 from wattprint.profiler.core import validate
-from wattprint.profiler.core.stepcolumns import RequestColumns, clamp
+from wattprint.profiler.core.stepcolumns import RequestColumns
+from wattprint.profiler.core.validate import clamp
 
 
 class RequestEntry(msgspec.Struct, omit_defaults=True, gc=False):
@@ -96,7 +97,7 @@ def encode_line(obj) -> bytes:
 
 def step_line(s: StepRecord) -> bytes:
     """THE writer of a steps.jsonl line: the step, its requests as columns."""
-    return _encoder.encode(StepLine(s.step, s.t_start, s.t_end, columns.of_entries(s.requests), s.model)) + b"\n"
+    return encode_line(StepLine(s.step, s.t_start, s.t_end, columns.of_entries(s.requests), s.model))
 
 
 def as_records(lines: list[StepLine], path: str, data: bytes | None) -> list[StepRecord]:

@@ -20,6 +20,8 @@ from operator import attrgetter, is_not
 import msgspec
 import numpy as np
 
+from wattprint.profiler.core.validate import clamp
+
 REQUIRED = ("id", "prefill_tokens", "decode_tokens", "context_tokens")
 OPTIONAL = ("stratum", "prompt_tokens", "finished", "output_tokens")
 DEFAULTS = (None, None, False, None)  # what an optional field is when not given
@@ -121,11 +123,6 @@ def _by_change(raws, parse) -> tuple[np.ndarray, np.ndarray]:
         parts.append(last)
     lens = np.fromiter(map(len, parts), np.int64, len(parts))
     return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), lens
-
-
-def clamp(x: int) -> int:
-    """An integer from outside, brought into int64 (values this far out are refused by the record rule)."""
-    return min(max(x, -(1 << 62)), 1 << 62)
 
 
 def _ints(raw: msgspec.Raw) -> np.ndarray:

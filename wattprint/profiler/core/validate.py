@@ -45,6 +45,12 @@ KINDS = ("invalid_time", "invalid_order", "invalid_tokens", "invalid_size")
 _given = partial(is_not, None)
 
 
+def clamp(x: int) -> int:
+    """An integer from outside brought into int64 (JSON and msgpack ints are unbounded); a value this far
+    out stays out of every range above, so the rule still refuses it."""
+    return min(max(x, -(1 << 62)), 1 << 62)
+
+
 def times_bad(t0, t1):
     """Steps whose times are not finite, that end before they start, or last over MAX_STEP_S."""
     t0 = np.asarray(t0, dtype=float)

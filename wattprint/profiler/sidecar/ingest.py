@@ -59,15 +59,15 @@ class Checked(NamedTuple):
     rejected_before: tuple[int, ...] = ()
 
 
-def _int_columns(reqs: list) -> tuple[list[np.ndarray], bool]:
-    """Prefill, decode and context tokens of ``reqs`` as int64 columns; as float columns (clamped to
-    2**60) when a count does not fit (such an entry is bad anyway); and whether they are int64."""
+def _int_columns(reqs: list) -> list[np.ndarray]:
+    """Prefill, decode and context tokens of ``reqs`` as int64 columns (a count beyond int64 clamped:
+    still out of range, so the entry is refused)."""
+    n = len(reqs)
     lists = ([r.prefill_tokens for r in reqs], [r.decode_tokens for r in reqs], [r.context_tokens for r in reqs])
     try:
-        return [np.fromiter(c, np.int64, len(c)) for c in lists], True
-    except (OverflowError, ValueError, TypeError):
-        return [np.array([min(float(max(min(x, 1 << 60), -(1 << 60))), 2.0 ** 60) for x in c], float).reshape(len(c))
-                for c in lists], False
+        return [np.fromiter(c, np.int64, n) for c in lists]
+    except OverflowError:
+        return [np.fromiter(map(rule.clamp, c), np.int64, n) for c in lists]
 
 
 def _optional_bad(reqs: list, entries: Entries) -> np.ndarray:
@@ -105,7 +105,7 @@ def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s:
                 out[i] = ("invalid_size", problem)
     t0 = np.array([r.t_start for r in records], float).reshape(n)
     t1 = np.array([r.t_end for r in records], float).reshape(n)
-    num = np.array([float(min(r.step, 1 << 62)) for r in records], float).reshape(n)
+    num = np.array([float(rule.clamp(r.step)) for r in records], float).reshape(n)
     bad_t = rule.times_bad(t0, t1)
     far = rule.out_of_reach(t0, t1, now_s, max_age_s, max_ahead_s)
     bad_n = rule.numbers_bad(num)
@@ -118,7 +118,7 @@ def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s:
                                           f"(t_start {t0[i]:.3f}, t_end {t1[i]:.3f}, now {now_s:.3f})")
             else:
                 out[i] = ("invalid_size", f"step number {records[i].step} out of range")
-    cols, exact = _int_columns(reqs)
+    cols = _int_columns(reqs)
     entries = Entries.of(reqs, ids)
     bad = rule.entries_bad(*cols)
     bad_opt = _optional_bad(reqs, entries)
@@ -130,8 +130,6 @@ def _record_problems(records: list, now_s: float, max_age_s: float, max_ahead_s:
         for j in np.flatnonzero(bad_opt).tolist():
             if out[rec_of[j]] is None:
                 out[rec_of[j]] = ("invalid_tokens", "a prompt or output token count out of range")
-    if not exact:
-        cols = [c.clip(-1, rule.MAX_TOKENS + 1).astype(np.int64) for c in cols]  # the bad ones are rejected
     return out, EntryColumns(*cols, entries, lens), t0, t1, num
 
 

@@ -1,7 +1,7 @@
 """Benchmark: offline vs online attribution accuracy on the same simulated traces.
 
 Each trace comes from the simulated twin (Llama-3.1-8B geometry, H100 twin, NVML-like counter polled at
-50 Hz) at one arrival rate; recording starts with the workload (the first step begins inside the first
+50 reads/s, locked onto its republication like the sampler, or `--poll uniform`) at one arrival rate; recording starts with the workload (the first step begins inside the first
 counter period). The offline driver (`wattprint attribute`) and the online driver replayed as the sidecar
 receives it (`wattprint attribute --online --meter-hz 50`: readings at 50 Hz, steps in the hook's batches)
 attribute the same files; both are compared with the twin's ground truth.
@@ -59,13 +59,15 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b", help="a model config in configs/models (name)")
     ap.add_argument("--hardware", default="h100-sxm", help="the twin's and the prior's hardware profile")
     ap.add_argument("--devices", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--poll", choices=("locked", "uniform"), default="locked",
+                    help="the recorded poller's schedule (the sampler's: locked onto the counter's phase)")
     args = ap.parse_args()
     g = geometry_from_config(config_dir() / "models" / f"{args.model}.json")
     hw = load_profile(args.hardware)
     print(f"## Offline vs online accuracy ({date.today()}, {platform.processor() or platform.machine()})\n")
     print(f"`.venv/bin/python bench/bench_online.py --rates {' '.join(map(str, args.rates))} "
           f"--seeds {args.seeds} --first-seed {args.first_seed} --requests {args.requests} --model {args.model} "
-          f"--hardware {args.hardware} --devices {args.devices}`\n")
+          f"--hardware {args.hardware} --devices {args.devices} --poll {args.poll}`\n")
     print("| rate (req/s) | seed | driver | request err median | p95 | prefill total | decode total | "
           "KV (v2) median | idle | conservation |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -74,9 +76,10 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             n = max(20, min(args.requests, int(rate * 60)))
             spec = WorkloadSpec(requests=n, rate_rps=rate, seed=1000 + seed, busy_s=40, quiet_s=4)
-            sim = simulate(g, hw, spec, n_devices=args.devices)
-            t0 = sim.steps[0].t_start
-            energy = [e for e in sim.energy if e.t >= t0 - 0.01]  # recording starts with the workload
+            # recording starts with the workload: the poller starts 10 ms before the first step
+            sim = simulate(g, hw, spec, n_devices=args.devices, poll_schedule=args.poll, record_lead_s=0.01)
+            energy = sim.energy
+            t_end = max(e.t for e in energy)
             t_end = max(e.t for e in energy)
             off = attribute(sim.steps, energy, g, hw, source="simulated")
             on = replay_online(sim.steps, readings_from_samples(energy, "simulated"), g, hw, source="simulated",

@@ -8,7 +8,9 @@ attribution cannot see, by removing them one at a time with knowledge only the s
   two polls) whose values cover the energy up to 0-4 ms before they are published (latency);
 * ``latency known`` - the same polls, the change points moved back by the twin's true latency;
 * ``latency known, 1 kHz`` - polled at 1 kHz (a change known to within 1 ms), latency moved back;
-* ``as recorded, 1 kHz`` - polled at 1 kHz, latency not known (what a denser poller alone would give).
+* ``as recorded, 1 kHz`` - polled at 1 kHz, latency not known (what a denser poller alone would give);
+* ``50 reads/s locked`` - the sampler's schedule (:mod:`wattprint.profiler.timeline.schedule`): the same
+  read rate as uniform 50 Hz, clustered around each expected republication of the counter.
 
 Same workloads (seeds) in every variant. Nothing here is an attribution feature: the true latency is
 read from the twin (an oracle), to measure how much each effect costs.
@@ -49,11 +51,11 @@ def _change_points(t, e, publish="midpoint"):
     return (b_t - _LATENCY_S[-1] if _SHIFT["on"] else b_t), b_e, resets
 
 
-def prefill_error(g, hw, spec, poll_hz: float, shift: bool) -> float:
+def prefill_error(g, hw, spec, poll_hz: float, shift: bool, schedule: str) -> float:
     _LATENCY_S.clear()
-    sim = simulate(g, hw, spec, poll_hz=poll_hz)
-    t0 = sim.steps[0].t_start
-    energy = [e for e in sim.energy if e.t >= t0 - 0.01]  # recording starts with the workload
+    # recording starts with the workload: the poller starts 10 ms before the first step
+    sim = simulate(g, hw, spec, poll_hz=poll_hz, poll_schedule=schedule, record_lead_s=0.01)
+    energy = sim.energy
     _SHIFT["on"] = shift
     try:
         res = attribute(sim.steps, energy, g, hw, source="simulated")
@@ -74,8 +76,12 @@ def main() -> None:
     offline_mod.change_points = _change_points
     g = geometry_from_config(config_dir() / "models" / "llama-3.1-8b.json")
     hw = load_profile("h100-sxm")
-    variants = (("as recorded (50 Hz)", 50.0, False), ("latency known (50 Hz)", 50.0, True),
-                ("latency known, 1 kHz", 1000.0, True), ("as recorded, 1 kHz", 1000.0, False))
+    variants = (("as recorded (50 Hz uniform)", 50.0, False, "uniform"),
+                ("latency known (50 Hz uniform)", 50.0, True, "uniform"),
+                ("latency known, 1 kHz", 1000.0, True, "uniform"),
+                ("as recorded, 1 kHz", 1000.0, False, "uniform"),
+                ("as recorded, 50 reads/s locked (the sampler's schedule)", 50.0, False, "locked"),
+                ("latency known, 50 reads/s locked", 50.0, True, "locked"))
     print(f"## Prefill total at {args.rate:g} requests/s: timing effects ({date.today()}, "
           f"{platform.machine()})\n")
     print(f"`.venv/bin/python bench/bench_timing_floor.py --seeds {args.seeds} --requests "
@@ -83,9 +89,9 @@ def main() -> None:
     print("| prompts | variant | prefill total error by seed | worst | RMS |")
     print("|---|---|---|---|---|")
     for n in args.requests:
-        for name, hz, shift in variants:
+        for name, hz, shift, schedule in variants:
             errs = np.array([prefill_error(g, hw, WorkloadSpec(requests=n, rate_rps=args.rate, seed=1000 + s,
-                                                                busy_s=40, quiet_s=4), hz, shift)
+                                                                busy_s=40, quiet_s=4), hz, shift, schedule)
                              for s in range(args.seeds)])
             cells = " ".join(f"{100 * e:+.2f}" for e in errs)
             print(f"| {n} | {name} | {cells} % | {100 * np.abs(errs).max():.2f} % | "

@@ -73,7 +73,8 @@ def test_request_metadata_rule_is_the_same_offline_and_online(llama8b, h100):
 def test_edges_steps_inside_the_first_counter_period_and_past_the_last_change(llama8b, h100):
     """Recording starts with the workload and stops mid-step: the head is measured from the first
     sample, the tail is extrapolated by the model (``extrapolated_j``), both drivers alike."""
-    sim = simulate(llama8b, h100, WorkloadSpec(requests=60, rate_rps=8, seed=41, busy_s=6, quiet_s=0))
+    sim = simulate(llama8b, h100, WorkloadSpec(requests=60, rate_rps=8, seed=41, busy_s=6, quiet_s=0),
+                   record_lead_s=0.01)
     t0, t1 = sim.steps[0].t_start, sim.steps[-1].t_start
     t_stop = min(e.t for e in sim.energy if e.t >= t1)  # the first poll after the last step began
     energy = [e for e in sim.energy if t0 - 0.01 <= e.t <= t_stop]

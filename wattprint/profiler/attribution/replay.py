@@ -21,6 +21,8 @@ from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import StepRecord
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading
+from wattprint.profiler.timeline.counter import publish_mode
+from wattprint.profiler.timeline.schedule import PollSchedule, follow
 
 HOOK_BATCH = 8  # records per message, as the vLLM hook sends them
 HOOK_FLUSH_S = 0.05  # the hook sends what gathered at most this long after a step ends
@@ -36,17 +38,24 @@ class OnlineReplay:
 
 
 def resample(readings: Sequence[Reading], rate_hz: float) -> list[Reading]:
-    """What a meter polled at ``rate_hz`` would have read, stamped with the tick's time. A recorded
-    reading's value was published somewhere since the previous recorded poll; a poller at ``rate_hz``
-    sees it from about the midpoint of that gap on (the counter rule's own estimate of the publish
-    time), not only from the recorded poll on, which would delay every change by up to one period."""
+    """What the sidecar's sampler polling at ``rate_hz`` would have read: it follows the poll schedule
+    (:mod:`wattprint.profiler.timeline.schedule`: locked onto the counter's republication, uniform for
+    counters updated at every read), and each reading is stamped with its poll's time. A recorded value
+    was published somewhere since the previous recorded poll; the replayed poller sees it from the
+    counter rule's estimate of that time on (the midpoint of the recorded gap; the sample time itself
+    for counters updated at every read), not only from the recorded poll on, which would delay every
+    change by up to one recorded period."""
     if not (rate_hz > 0 and math.isfinite(rate_hz)):
         raise InputError(f"--meter-hz must be a positive number, got {rate_hz}")
     t = np.array([r.t_s for r in readings])
-    ticks = np.arange(t[0], t[-1] + 1e-12, 1.0 / rate_hz)
-    mid = np.concatenate([t[:1], 0.5 * (t[1:] + t[:-1])])
-    idx = np.searchsorted(mid, ticks, side="right") - 1
-    return [Reading(float(tk), readings[i].energy_j, readings[i].source) for tk, i in zip(ticks, idx)]
+    e = np.array([r.energy_j for r in readings], dtype=float).reshape(len(readings), -1)
+    mode = publish_mode(readings[0].source)
+    pub = t if mode == "sample" else np.concatenate([t[:1], 0.5 * (t[1:] + t[:-1])])
+    keep = np.concatenate([[True], np.any(e[1:] != e[:-1], axis=1)])  # the first value and each change
+    n_dev = e.shape[1]
+    ticks, seen = follow(PollSchedule(rate_hz, lock=mode == "midpoint"), [pub[keep]] * n_dev,
+                         [e[keep, d] for d in range(n_dev)], float(t[0]), float(t[-1]))
+    return [Reading(float(tk), tuple(map(float, row)), readings[0].source) for tk, row in zip(ticks, seen)]
 
 
 def hook_batches(steps: Sequence[StepRecord]) -> list[tuple[float, list[StepRecord]]]:

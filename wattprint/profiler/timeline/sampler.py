@@ -1,7 +1,9 @@
 """The energy timeline: a sampler thread polling a meter, and energy over any time window.
 
 A counter like NVML's total energy is republished about every 100 ms and reads the same in between. The
-timeline polls faster (50 Hz by default) and keeps, per device, the **change points** given by the counter
+timeline polls it at 50 reads per second by default, locked onto the republication's phase (the poll
+schedule of :mod:`wattprint.profiler.timeline.schedule`: a few reads clustered around each expected
+publish, so a change is bracketed by milliseconds; uniform for counters updated at every read), and keeps, per device, the **change points** given by the counter
 rule of :mod:`wattprint.profiler.timeline.counter` (publish time: the midpoint of the two polls around a
 change, ``publish_time="midpoint"``, or the sample time for counters updated at every read,
 ``"sample"``; the default ``"auto"`` picks by the meter's source; a counter that goes back is stitched).
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from wattprint.errors import InputError, MeterError
 from wattprint.profiler.meters.base import Meter, Reading
 from wattprint.profiler.timeline.counter import PUBLISH_MODES, ChangePoint, CounterTrack, publish_mode
+from wattprint.profiler.timeline.schedule import PollSchedule
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +218,16 @@ class EnergyTimeline:
             return sum(c.resets for c in self._counters)
 
     def _run(self) -> None:
+        schedule = PollSchedule(self.rate_hz, lock=self.publish_time == "midpoint")
         period = 1.0 / self.rate_hz
-        next_t = time.monotonic()
         while not self._stop.is_set():
-            self.sample_once()
-            next_t += period
+            reading = self.sample_once()
             now = time.monotonic()
-            if next_t < now:  # fell behind (slow meter): skip the missed ticks
-                next_t = now
-            self._stop.wait(next_t - now)
+            if reading is None:  # a failed read: try again a period later
+                next_t = now + period
+            else:  # the schedule runs on the readings' times, which may lag the clock (the simulated meter)
+                next_t = now + (schedule.next_poll(reading.t_s, reading.energy_j) - reading.t_s)
+            self._stop.wait(max(next_t - now, 0.0))
 
     def start(self) -> EnergyTimeline:
         """Start the sampler thread (no-op if already running)."""

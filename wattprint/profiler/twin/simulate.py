@@ -1,7 +1,7 @@
 """Trace simulator: a vLLM-like scheduler serving Poisson arrivals on the GPU twin.
 
-It produces exactly what a real run records - ``steps.jsonl`` and ``energy.jsonl`` (a 50 Hz poller
-of an NVML-like counter) - plus the ground truth no real run has: the true energy of every step,
+It produces exactly what a real run records - ``steps.jsonl`` and ``energy.jsonl`` (an NVML-like
+counter read 50 times a second on the sampler's schedule) - plus the ground truth no real run has: the true energy of every step,
 split between requests by the v1 convention (``docs/attribution.md``), and the true idle energy.
 
 Ground truth is expressed on the sensor's scale (true joules × the board's gain error): the gain is a
@@ -24,9 +24,17 @@ from wattprint.profiler.core import costmodel as cm
 from wattprint.profiler.core.costmodel import ModelGeometry
 from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import EnergySample, RequestEntry, StepRecord, encode_line, step_line
-from wattprint.profiler.twin.power import GpuTwin, PowerTrace, SensorEffects, poll_counter, poll_times
+from wattprint.profiler.timeline.schedule import PollSchedule, follow
+from wattprint.profiler.twin.power import (
+    GpuTwin,
+    PowerTrace,
+    SensorEffects,
+    poll_counter,
+    poll_times,
+)
 
 STRATA = ("critical", "science", "productive", "agentic")
+WAKE_UP_S = 0.0002  # the sampler thread wakes up to this late
 
 
 @dataclass
@@ -125,8 +133,11 @@ def step_duration_s(g: ModelGeometry, hw: HardwareProfile, flops: float, bytes_:
 
 
 def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_devices: int = 1,
-             poll_hz: float = 50.0, twin: GpuTwin | None = None) -> SimResult:
-    """Run the workload on the twin; return steps, energy samples and ground truth."""
+             poll_hz: float = 50.0, twin: GpuTwin | None = None, poll_schedule: str = "locked", record_lead_s: float | None = None) -> SimResult:
+    """Run the workload on the twin; return steps, energy samples and ground truth.
+
+    ``record_lead_s``: the poller starts this long before the first step (recording starts with the
+    workload); by default one second before the first arrival."""
     rng = np.random.default_rng(spec.seed)
     twin = twin or GpuTwin(hw)
     k_tok = g.kv_bytes_per_token
@@ -198,19 +209,31 @@ def simulate(g: ModelGeometry, hw: HardwareProfile, spec: WorkloadSpec, *, n_dev
         t = t1 + float(rng.uniform(0.1e-3, 0.6e-3))  # scheduler/CPU gap between steps
     t_end = steps[-1].t_end + 1.0
 
-    # the sensor: each device has its own gain, latency and publish phase; a 50 Hz poller reads it
+    # the sensor: each device has its own gain, latency and publish phase; a poller reads it at poll_hz,
+    # locked onto the counter's republication (the sampler's schedule) unless poll_schedule="uniform"
     energy: list[EnergySample] = []
     gains, measured, physical = [], 0.0, 0.0
-    polls = poll_times(t_begin, t_end, poll_hz, rng)
-    per_dev = []
+    polls = poll_times(t_begin, t_end, poll_hz, rng)  # drawn either way: the same random stream after it
+    pubs, values = [], []
     for tr in traces:
         fx = SensorEffects.realistic(rng)
         pub = fx.publish_times(t_begin - 0.5, t_end + 0.5, rng)
-        seen = poll_counter(pub, fx.counter_values_j(tr, pub), polls)
-        per_dev.append(seen)
+        pubs.append(pub)
+        values.append(fx.counter_values_j(tr, pub))
         gains.append(fx.gain)
-        measured += float(seen[-1] - seen[0])
         physical += float(tr.energy_until(t_end) - tr.energy_until(t_begin))
+    t_rec = t_begin if record_lead_s is None else max(steps[0].t_start - record_lead_s, t_begin)
+    if poll_schedule == "uniform":
+        polls = polls[polls >= t_rec]
+        seen_all = np.column_stack([poll_counter(p, v, polls) for p, v in zip(pubs, values)])
+    elif poll_schedule == "locked":
+        period = 1.0 / poll_hz
+        wake_s = (polls - (t_begin + np.arange(len(polls)) * period)) * (WAKE_UP_S / (0.1 * period))
+        polls, seen_all = follow(PollSchedule(poll_hz), pubs, values, t_rec, t_end, wake_s)
+    else:
+        raise ValueError(f"poll_schedule must be locked or uniform, got {poll_schedule!r}")
+    per_dev = list(seen_all.T)
+    measured = float(sum(seen[-1] - seen[0] for seen in per_dev))
     for i, tp in enumerate(polls.tolist()):
         for d in range(n_devices):
             energy.append(EnergySample(tp, d, float(per_dev[d][i]), "simulated"))

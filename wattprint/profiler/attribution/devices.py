@@ -7,6 +7,7 @@ import numpy as np
 from wattprint.profiler.attribution.coefficients import COEF_NAMES, Coefficients
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.fit import (
+    FIT_LAG,
     TAU_GRID_S,
     NormalEquations,
     fit_report,
@@ -69,10 +70,22 @@ class OnlineDevice:
             del self.b_t[:i]
             del self.b_e[:i]
 
+    def fit_origin(self, start: float, not_before: float) -> float:
+        """Where a block's fit rows begin: ``FIT_LAG`` change points before the block's ``start`` (but not
+        before ``not_before``), so that its rows continue the previous block's (see :meth:`update_fit`)."""
+        i = int(np.searchsorted(self.b_t, start, side="left"))
+        j = int(np.searchsorted(self.b_t, not_before, side="left"))
+        return float(self.b_t[max(i - FIT_LAG, j, 0)]) if i > 0 and self.b_t else start
+
     def update_fit(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, origin: float,
-                   prev_end: float, half_life_s: float) -> None:
-        """Add a settled block's counter intervals to the running fit (forgetting with ``half_life_s``)
-        and re-solve for every grid time constant; keep the one with the least residual."""
+                   prev_end: float, half_life_s: float, new_after: float | None = None) -> None:
+        """Add a block's counter intervals to the running fit (forgetting with ``half_life_s``) and
+        re-solve for every grid time constant; keep the one with the least residual.
+
+        ``b_t`` may begin before the block (at :meth:`fit_origin`): only the rows that end after
+        ``new_after`` (the block's start) are new, so every counter interval enters as many rows as
+        offline, not only those away from block edges (a prefill at the start of a block would count
+        a tenth as much as offline)."""
         if not self.fit or len(b_t) < 3:
             return
         # a step counts as capped (its energy known: tdp·dt) only if the running fit and the profile both
@@ -84,6 +97,9 @@ class OnlineDevice:
         for tau, ne in self._ne.items():
             X, y = fit_rows(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end, capped,
                             first_is_sample=self._first_block)
+            if new_after is not None:
+                new = b_t[len(b_t) - len(y):] > new_after
+                X, y = X[new], y[new]
             ne.add(X, y, decay)
         self._first_block = False  # its first boundary was the first sample, not a change (see fit_rows)
         if next(iter(self._ne.values())).n < 20:

@@ -244,16 +244,17 @@ class OnlineAttributor:
         if edges is None:
             return False
         start, end = edges
-        p = self._pending
+        origins = fit_origins(self._dev, start, self._settled_until, self._fitted_until is None)
+        first, p = min(origins), self._pending
         t0, t1 = p.col("t_start"), p.col("t_end")
-        steps = np.flatnonzero((t0 < end) & (t1 > start))
-        before = t1[t1 <= start]
+        steps = np.flatnonzero((t0 < end) & (t1 > first))
+        before = t1[t1 <= first]
         prev_end = max(self._prev_end, float(before.max())) if len(before) else self._prev_end
         if len(steps):
             cols = p.columns(steps, self.g, self.table.ids)
-            for dev in self._dev:
-                b_t, b_e = dev.boundaries_between(start, end)
-                dev.update_fit(cols, b_t, b_e, start, prev_end, self.half_life_s)
+            for dev, origin in zip(self._dev, origins):
+                b_t, b_e = dev.boundaries_between(origin, end)
+                dev.update_fit(cols, b_t, b_e, origin, prev_end, self.half_life_s, new_after=start)
         self._fitted_until = end
         if self._fit_from is None:
             self._fit_from = start
@@ -344,3 +345,13 @@ def shutdown_end(devices: Sequence[OnlineDevice], start: float, end: float | Non
     if end is not None and end <= covered:
         return end
     return next((b for b in reversed(devices[0].b_t) if start < b <= covered), None)
+
+
+def fit_origins(devices: Sequence[OnlineDevice], start: float, settled_until: float | None,
+                first_block: bool) -> list[float]:
+    """Where each device's fit rows for the block from ``start`` begin: they reach back into the
+    previous block (its steps are still held: settlement lags the fit), see :meth:`OnlineDevice.fit_origin`."""
+    if first_block:
+        return [start for _ in devices]
+    held = -math.inf if settled_until is None else settled_until
+    return [dev.fit_origin(start, held) for dev in devices]

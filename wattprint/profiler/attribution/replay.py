@@ -27,6 +27,7 @@ from wattprint.profiler.timeline.schedule import PollSchedule, follow
 HOOK_BATCH = 8  # records per message, as the vLLM hook sends them
 HOOK_FLUSH_S = 0.05  # the hook sends what gathered at most this long after a step ends
 ADVANCE_EVERY_S = 0.25  # the sidecar's settlement period
+DENSER = 1.1  # a recording polled at most this much faster than the replayed poller is replayed as it is
 
 
 @dataclass
@@ -44,10 +45,14 @@ def resample(readings: Sequence[Reading], rate_hz: float) -> list[Reading]:
     was published somewhere since the previous recorded poll; the replayed poller sees it from the
     counter rule's estimate of that time on (the midpoint of the recorded gap; the sample time itself
     for counters updated at every read), not only from the recorded poll on, which would delay every
-    change by up to one recorded period."""
+    change by up to one recorded period. A recording no denser than ``rate_hz`` (within ``DENSER``) is
+    what such a poller read: it is replayed as it is (polling it again would only add a second
+    poller's bracket to the first)."""
     if not (rate_hz > 0 and math.isfinite(rate_hz)):
         raise InputError(f"--meter-hz must be a positive number, got {rate_hz}")
     t = np.array([r.t_s for r in readings])
+    if len(t) < 2 or (len(t) - 1) / (t[-1] - t[0]) <= DENSER * rate_hz:
+        return list(readings)  # recorded no more densely than that poller reads: it read these polls
     e = np.array([r.energy_j for r in readings], dtype=float).reshape(len(readings), -1)
     mode = publish_mode(readings[0].source)
     pub = t if mode == "sample" else np.concatenate([t[:1], 0.5 * (t[1:] + t[:-1])])

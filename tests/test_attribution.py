@@ -103,7 +103,7 @@ def test_tokens_and_bytes(run, llama8b):
 
 def test_online_matches_truth_and_conserves_at_every_instant(llama8b, h100):
     sim = simulate(llama8b, h100, WorkloadSpec(requests=150, rate_rps=6, seed=21, busy_s=15, quiet_s=4))
-    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", fit_warmup_s=5.0)
+    on = OnlineAttributor(llama8b, h100, n_devices=1, source="simulated", fit_warmup_s=5.0, fit_lookahead_s=5.0)
     polls = [(e.t, 0, e) for e in sim.energy]
     events = sorted(polls + [(s.t_end, 1, s) for s in sim.steps], key=lambda x: (x[0], x[1]))
     out, max_held = [], 0

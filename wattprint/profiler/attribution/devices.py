@@ -88,19 +88,20 @@ class OnlineDevice:
         a tenth as much as offline)."""
         if not self.fit or len(b_t) < 3:
             return
-        # a step counts as capped (its energy known: tdp·dt) only if the running fit and the profile both
-        # put it over the cap: a fit that overshoots would otherwise take the steps that could correct it
-        # out of the regression, and never come back
-        _, capped = self.coef.step_energy(cols)
-        capped &= self._prior_coef.step_energy(cols)[1]
+        # rows holding a step the profile puts at the power cap are left out: a capped step's energy (tdp·dt)
+        # says nothing about the coefficients, and letting the running fit decide which steps are capped
+        # (as offline, which iterates over the whole trace) feeds its early errors back into the rows it
+        # learns from - one that undershoots takes capped steps for uncapped ones and learns its own error,
+        # one that overshoots drops the rows that could correct it. A trace at the cap throughout leaves the
+        # coefficients at the profile, and the report says so
+        keep = rows_clear_of(b_t, cols.t_start, cols.t_end, self._prior_coef.step_energy(cols)[1])
+        if new_after is not None:  # and only the rows that end inside this block are new
+            keep &= b_t[len(b_t) - len(keep):] > new_after
         decay = 0.5 ** ((b_t[-1] - b_t[0]) / half_life_s)
         for tau, ne in self._ne.items():
-            X, y = fit_rows(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end, capped,
+            X, y = fit_rows(cols, self.coef.with_theta(self.coef.theta, tau), b_t, b_e, origin, prev_end,
                             first_is_sample=self._first_block)
-            if new_after is not None:
-                new = b_t[len(b_t) - len(y):] > new_after
-                X, y = X[new], y[new]
-            ne.add(X, y, decay)
+            ne.add(X[keep], y[keep], decay)
         self._first_block = False  # its first boundary was the first sample, not a change (see fit_rows)
         if next(iter(self._ne.values())).n < 20:
             return
@@ -113,3 +114,13 @@ class OnlineDevice:
         _, theta, tau, ne = best
         self.coef = self.coef.with_theta(theta, tau)
         self.report = fit_report(ne, self._lam)
+
+
+def rows_clear_of(b_t: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, flagged: np.ndarray,
+                  lag: int = FIT_LAG) -> np.ndarray:
+    """For each fit row (the window from boundary k to boundary k+lag, as :func:`fit_rows` builds them):
+    True when no flagged step overlaps it (steps sorted and not overlapping)."""
+    lag = max(1, min(lag, len(b_t) - 1))
+    ts, te = t_start[flagged], t_end[flagged]
+    overlapping = np.searchsorted(ts, b_t[lag:], side="left") - np.searchsorted(te, b_t[:-lag], side="right")
+    return overlapping <= 0

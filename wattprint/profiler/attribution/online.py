@@ -34,6 +34,12 @@ from wattprint.profiler.timeline.counter import publish_mode
 __all__ = ["Added", "OnlineAttributor"]
 
 
+#: the fit's default lead over settlement, in windows (30 s): a block is settled with coefficients that
+#: have seen the counter this long past its end (a GPU at its power cap teaches the fit only in the lulls
+#: between bursts)
+LOOKAHEAD_WINDOWS = 15
+
+
 class OnlineAttributor:
     """Streaming attribution with bounded memory: the fit/settle/split core of :func:`attribute`.
 
@@ -57,10 +63,9 @@ class OnlineAttributor:
         self.window_s, self.grace_s = window_s, grace_s
         self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
         self.half_life_s = fit_half_life_s
-        # the fit runs ahead of settlement: a block is settled with coefficients that have seen the
-        # counter this long past its end (default: five windows, 10 s), so early blocks are not split
-        # by an unformed fit; final records come that much later (provisional ones at once)
-        lookahead = 5.0 * window_s if fit_lookahead_s is None else fit_lookahead_s
+        # the fit runs ahead of settlement (default: LOOKAHEAD_WINDOWS), so early blocks are not split by
+        # an unformed fit; final records come that much later (provisional ones at once)
+        lookahead = LOOKAHEAD_WINDOWS * window_s if fit_lookahead_s is None else fit_lookahead_s
         self.lookahead_s = lookahead if coefficients is None else 0.0
         # and nothing is settled before the fit has seen this much of the counter (default: ten windows,
         # 20 s): a sidecar's first blocks are not split by a fit formed on seconds of data

@@ -8,7 +8,7 @@ from wattprint.profiler.attribution.coefficients import COEF_NAMES, Coefficients
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.fit import (
     FIT_LAG,
-    TAU_GRID_S,
+    ONLINE_TAU_GRID_S,
     NormalEquations,
     fit_report,
     fit_rows,
@@ -36,7 +36,7 @@ class OnlineDevice:
         self._lam = prior_precision(coef)
         self._noise2 = noise_j2(coef)
         #: one set of sufficient statistics per idle-decay time constant: tau is fitted online too
-        self._ne = {tau: NormalEquations() for tau in TAU_GRID_S}
+        self._ne = {tau: NormalEquations() for tau in ONLINE_TAU_GRID_S}
         self.report: dict = {"fitted": [], "from_profile": list(COEF_NAMES)}
 
     @property

@@ -11,6 +11,9 @@ from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.features import FAR_PAST_S, cumulative
 
 TAU_GRID_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: the online fit cannot refine tau between grid points (it keeps one set of sufficient statistics per
+#: tau), so its grid is finer: 0.5 to 8 s in steps of 2^(1/4) (17 values; a block's fit costs ~ms)
+ONLINE_TAU_GRID_S = tuple(float(0.5 * 2.0 ** (k / 4)) for k in range(17))
 FIT_LAG = 10  # counter intervals per regression window
 _F, _FU = COEF_NAMES.index("energy_per_flop_j"), COEF_NAMES.index("energy_per_flop_util_j")
 

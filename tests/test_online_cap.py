@@ -9,6 +9,7 @@ import pytest
 from wattprint.configs import config_dir
 from wattprint.profiler.attribution.devices import rows_clear_of
 from wattprint.profiler.attribution.offline import attribute
+from wattprint.profiler.attribution.online import MAX_LEAD_ENTRIES, MIN_LEAD_WINDOWS, fit_lead_s
 from wattprint.profiler.attribution.replay import replay_online
 from wattprint.profiler.core.costmodel import geometry_from_config
 from wattprint.profiler.core.hardware import load_profile
@@ -51,3 +52,11 @@ def test_online_at_the_power_cap_is_as_good_as_offline(saturated_l4):
         t = res.totals
         assert sum(r.energy_j for r in res.requests) + t.idle_j == pytest.approx(
             t.measured_j + t.extrapolated_j, rel=1e-9)
+
+
+def test_the_fit_lead_shrinks_when_memory_is_short():
+    """The 30 s lead holds every unsettled entry that long; under heavy load the lead falls back to
+    MIN_LEAD_WINDOWS so the pending store stays bounded."""
+    assert fit_lead_s(30.0, 2.0, 10) == 30.0
+    assert fit_lead_s(30.0, 2.0, MAX_LEAD_ENTRIES + 1) == MIN_LEAD_WINDOWS * 2.0
+    assert fit_lead_s(0.5, 2.0, MAX_LEAD_ENTRIES + 1) == 0.5

@@ -38,6 +38,10 @@ __all__ = ["Added", "OnlineAttributor"]
 #: have seen the counter this long past its end (a GPU at its power cap teaches the fit only in the lulls
 #: between bursts)
 LOOKAHEAD_WINDOWS = 15
+#: memory first: while the unsettled steps hold more request entries than this (~16 bytes each), the lead
+#: shrinks to MIN_LEAD_WINDOWS (at 2,000 steps/s × 64 requests the full lead would hold ~4 M entries)
+MAX_LEAD_ENTRIES = 1_500_000
+MIN_LEAD_WINDOWS = 5
 
 
 class OnlineAttributor:
@@ -271,7 +275,8 @@ class OnlineAttributor:
             return False
         start, end = edges
         if self._dev[0].fit and not self._flushing and (
-                self._fitted_until is None or self._fitted_until < end + self.lookahead_s
+                self._fitted_until is None
+                or self._fitted_until < end + fit_lead_s(self.lookahead_s, self.window_s, self._pending.n_entries)
                 or self._fitted_until - self._fit_from < self.warmup_s):
             return False  # wait until the fit has seen the counter past this block
         steps = np.flatnonzero(self._pending.col("t_start") < end)
@@ -360,3 +365,11 @@ def fit_origins(devices: Sequence[OnlineDevice], start: float, settled_until: fl
         return [start for _ in devices]
     held = -math.inf if settled_until is None else settled_until
     return [dev.fit_origin(start, held) for dev in devices]
+
+
+def fit_lead_s(lookahead_s: float, window_s: float, pending_entries: int) -> float:
+    """How far the fit must have seen past a block before it is settled: ``lookahead_s``, or at most
+    ``MIN_LEAD_WINDOWS`` windows while the unsettled entries exceed ``MAX_LEAD_ENTRIES``."""
+    if pending_entries > MAX_LEAD_ENTRIES:
+        return min(lookahead_s, MIN_LEAD_WINDOWS * window_s)
+    return lookahead_s

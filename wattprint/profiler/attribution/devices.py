@@ -75,7 +75,7 @@ class OnlineDevice:
         before ``not_before``), so that its rows continue the previous block's (see :meth:`update_fit`)."""
         i = int(np.searchsorted(self.b_t, start, side="left"))
         j = int(np.searchsorted(self.b_t, not_before, side="left"))
-        return float(self.b_t[max(i - FIT_LAG, j, 0)]) if i > 0 and self.b_t else start
+        return float(self.b_t[max(i - FIT_LAG, j, 0)]) if i > 0 else start
 
     def update_fit(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, origin: float,
                    prev_end: float, half_life_s: float, new_after: float | None = None) -> None:

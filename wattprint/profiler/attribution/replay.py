@@ -21,7 +21,7 @@ from wattprint.profiler.core.hardware import HardwareProfile
 from wattprint.profiler.core.records import StepRecord
 from wattprint.profiler.core.results import RequestResult, Totals
 from wattprint.profiler.meters.base import Reading
-from wattprint.profiler.timeline.counter import publish_mode
+from wattprint.profiler.timeline.counter import publish_mode, publish_times
 from wattprint.profiler.timeline.schedule import PollSchedule, follow
 
 HOOK_BATCH = 8  # records per message, as the vLLM hook sends them
@@ -55,7 +55,7 @@ def resample(readings: Sequence[Reading], rate_hz: float) -> list[Reading]:
         return list(readings)  # recorded no more densely than that poller reads: it read these polls
     e = np.array([r.energy_j for r in readings], dtype=float).reshape(len(readings), -1)
     mode = publish_mode(readings[0].source)
-    pub = t if mode == "sample" else np.concatenate([t[:1], 0.5 * (t[1:] + t[:-1])])
+    pub = np.concatenate([t[:1], publish_times(t[:-1], t[1:], mode)])  # the counter rule's estimate
     keep = np.concatenate([[True], np.any(e[1:] != e[:-1], axis=1)])  # the first value and each change
     n_dev = e.shape[1]
     ticks, seen = follow(PollSchedule(rate_hz, lock=mode == "midpoint"), [pub[keep]] * n_dev,

@@ -30,6 +30,12 @@ def publish_mode(source: str) -> str:
     return "sample" if base in CONTINUOUS_SOURCES else "midpoint"
 
 
+def publish_times(t_prev_s, t_s, publish: str = "midpoint"):
+    """The estimated publish time of a change first seen at poll ``t_s`` (the poll before it at
+    ``t_prev_s``): their midpoint, or the sample time for counters updated at every read. Scalars or arrays."""
+    return 0.5 * (t_prev_s + t_s) if publish == "midpoint" else t_s
+
+
 def change_points(t_s, energy_j, publish: str = "midpoint") -> tuple[np.ndarray, np.ndarray, int]:
     """Estimated publish times and stitched cumulative values where a counter changed.
 
@@ -45,7 +51,7 @@ def change_points(t_s, energy_j, publish: str = "midpoint") -> tuple[np.ndarray,
         de = np.where(de < 0, np.maximum(e[1:], 0.0), de)
         e = np.concatenate([e[:1], e[0] + np.cumsum(de)])
     idx = np.flatnonzero(de != 0) + 1
-    times = 0.5 * (t[idx - 1] + t[idx]) if publish == "midpoint" else t[idx]
+    times = publish_times(t[idx - 1], t[idx], publish)
     return times, e[idx], resets
 
 
@@ -104,5 +110,5 @@ class CounterTrack:
             self.resets += 1
             self._offset = stitched_offset_j(last_raw, raw_j, self._offset)
         value = raw_j + self._offset
-        t_pub = 0.5 * (last_t + t_s) if self.publish == "midpoint" else t_s
+        t_pub = publish_times(last_t, t_s, self.publish)
         return ChangePoint(last_t, t_s, value, prev, t_pub)

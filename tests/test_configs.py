@@ -149,7 +149,7 @@ def exposition():
             t_end = time.monotonic() + 1.5
             feed_steps(push, lambda: time.monotonic() > t_end, ids)
             text = ""
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 40  # finals come ~30 windows after a request (the fit's lead)
             while time.monotonic() < deadline:
                 text = _get(f"{sc.metrics_url}/metrics", "application/openmetrics-text")
                 if "wattprint_requests_total{" in text and "wattprint_energy_per_output_token_joules_bucket{" in text:

@@ -95,7 +95,7 @@ def _start_sidecar(tmp: Path, sock: str, port: int, name: str) -> subprocess.Pop
         env=dict(os.environ, WATTPRINT_OPERATOR_TOKEN=OPERATOR_TOKEN))
 
 
-def _final(metrics: str, rid: str, timeout_s: float = 40.0) -> dict:
+def _final(metrics: str, rid: str, timeout_s: float = 80.0) -> dict:
     def ready():
         code, body = _get(f"{metrics}/v1/requests/{rid}", token=OPERATOR_TOKEN)
         data = json.loads(body) if code == 200 else None

@@ -29,7 +29,7 @@ def test_prior_ties_the_idle_decay_to_static_power():
     # with no data the fit is the prior; evidence on static power alone moves the decay with it
     assert np.allclose(solve(NormalEquations(), theta, lam), theta)
     ne = NormalEquations()
-    X = np.zeros((50, 6))
+    X = np.zeros((50, len(theta)))
     X[:, 0] = 1.0  # one second of static power per row, 10 % more than the profile's
     ne.add(X, np.full(50, 1.1 * c.static_power_w))
     fit = solve(ne, theta, lam)
@@ -59,7 +59,7 @@ def test_solve_keeps_physical_constraints_with_a_full_prior_matrix():
     rng = np.random.default_rng(0)
     for _ in range(20):
         ne = NormalEquations()
-        X = np.abs(rng.normal(size=(40, 6))) * np.array([1.0, 1e13, 5e12, 1e11, 1.0, 1.0])
+        X = np.abs(rng.normal(size=(40, 7))) * np.array([1.0, 1e13, 5e12, 1e11, 1.0, 1.0, 0.01])
         ne.add(X, rng.normal(0.0, 500.0, 40))
         th = solve(ne, theta0, lam)
         assert np.all(np.delete(th, 2) >= 0)

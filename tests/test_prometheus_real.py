@@ -163,7 +163,7 @@ def test_real_prometheus_scrapes_real_sidecar():
                 checked += 1
             return checked, by_ts
 
-        _wait(enough_data, 45, "scraped data, recording rules and exemplars", proc, log)
+        _wait(enough_data, 90, "scraped data, recording rules and exemplars", proc, log)
         checked, by_ts = conservation_checked()
         assert checked >= 3, dict(by_ts)
         assert max(sums.get("wattprint_energy_joules_total", 0.0) for sums in by_ts.values()) > 0

@@ -72,7 +72,7 @@ def _final(url: str, proc, log) -> dict:
         data = json.loads(body) if code == 200 else None
         return data if data and data["status"] == "final" else None
 
-    return _wait(ready, 60, f"the final record at {url}", proc, log)
+    return _wait(ready, 90, f"the final record at {url}", proc, log)
 
 
 def _dropped(metrics: str) -> dict[str, float]:

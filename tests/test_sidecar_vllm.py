@@ -83,7 +83,7 @@ def stack(tmp_path_factory):
         sidecar.stop()
 
 
-def _wait_final(url, timeout_s=30.0) -> dict:
+def _wait_final(url, timeout_s=60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     data = None
     while time.monotonic() < deadline:

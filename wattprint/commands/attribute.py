@@ -27,7 +27,7 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--online", action="store_true",
                    help="replay the trace through the streaming core as the sidecar receives it")
     a.add_argument("--meter-hz", type=float, default=None,
-                   help="with --online: poll the recorded counter at this rate (default: as recorded)")
+                   help="with --online: read the recorded counter this many times a second, on the sampler's schedule (locked onto its republication; default: the recording as it is)")
     a.add_argument("--limit", type=int, default=20, help="rows of the printed table")
     a.add_argument("-q", "--quiet", action="store_true")
 

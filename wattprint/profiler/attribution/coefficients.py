@@ -10,7 +10,7 @@ from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.core.hardware import HardwareProfile
 
 COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",
-              "idle_power_w", "idle_decay_power_w")
+              "idle_power_w", "idle_decay_power_w", "cap_power_w")
 
 
 @dataclass
@@ -23,6 +23,9 @@ class Coefficients:
     energy_per_byte_j: float
     idle_power_w: float
     idle_decay_power_w: float
+    #: what a step at the power cap draws, on the counter's scale: the cap (TDP) times the board's gain
+    #: error, which the other coefficients absorb but a capped step's known energy would not
+    cap_power_w: float
     tau_s: float
     tdp_w: float
     peak_flops: float  # per device
@@ -47,11 +50,11 @@ class Coefficients:
         return np.column_stack([dt, cols.step_flops, cols.step_flops * u, cols.step_bytes])
 
     def step_energy(self, cols: StepColumns, feats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted energy of each step on this device (never below 0, at most ``tdp_w·dt``), and
+        """Predicted energy of each step on this device (never below 0, at most ``cap_power_w·dt``), and
         which steps hit the power cap."""
         feats = self.step_features(cols) if feats is None else feats
         raw = feats @ self.theta[:4]
-        cap = self.tdp_w * feats[:, 0]
+        cap = self.cap_power_w * feats[:, 0]
         capped = raw > cap
         return np.clip(raw, 0.0, cap), capped
 
@@ -75,6 +78,7 @@ def prior_coefficients(hw: HardwareProfile, n_devices: int) -> Coefficients:
         energy_per_byte_j=hw.energy_per_byte_j / n_devices,
         idle_power_w=hw.idle_power_w,
         idle_decay_power_w=max(hw.static_power_w - hw.idle_power_w, 0.0),
+        cap_power_w=hw.tdp_w,
         tau_s=2.0,
         tdp_w=hw.tdp_w,
         peak_flops=hw.peak_flops,

@@ -16,14 +16,15 @@ TAU_GRID_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 ONLINE_TAU_GRID_S = tuple(float(0.5 * 2.0 ** (k / 4)) for k in range(17))
 FIT_LAG = 10  # counter intervals per regression window
 _F, _FU = COEF_NAMES.index("energy_per_flop_j"), COEF_NAMES.index("energy_per_flop_util_j")
+_N = len(COEF_NAMES)
 
 
 @dataclass
 class NormalEquations:
     """Sufficient statistics of the interval regression, so a fit can run online with forgetting."""
 
-    xtx: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
-    xty: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    xtx: np.ndarray = field(default_factory=lambda: np.zeros((_N, _N)))
+    xty: np.ndarray = field(default_factory=lambda: np.zeros(_N))
     yty: float = 0.0
     n: float = 0.0
 
@@ -33,19 +34,27 @@ class NormalEquations:
         self.yty = decay * self.yty + float(y @ y)
         self.n = decay * self.n + len(y)
 
+    def add_from(self, other: NormalEquations, decay: float = 1.0) -> None:
+        """Add another set's statistics (this one's forgotten by ``decay`` first)."""
+        self.xtx = decay * self.xtx + other.xtx
+        self.xty = decay * self.xty + other.xty
+        self.yty = decay * self.yty + other.yty
+        self.n = decay * self.n + other.n
+
 
 #: the hardware profile's stated uncertainty (1 sigma, relative to each coefficient; the utilisation
-#: slope's relative to e_f): coefficients the data cannot determine stay there
-PRIOR_REL_SIGMA = np.array([0.25, 0.5, 0.5, 0.5, 0.25, 0.5])
-#: floors of those sigmas (W, J/FLOP, J/FLOP, J/B, W, W), for a profile value of 0
-PRIOR_SIGMA_FLOOR = np.array([1.0, 1e-16, 1e-16, 1e-14, 1.0, 1.0])
+#: slope's relative to e_f): coefficients the data cannot determine stay there. The cap power's is the
+#: counter's gain error (a few percent, facts.md: Yang et al.): the cap itself is a setting, known
+PRIOR_REL_SIGMA = np.array([0.25, 0.5, 0.5, 0.5, 0.25, 0.5, 0.05])
+#: floors of those sigmas (W, J/FLOP, J/FLOP, J/B, W, W, W), for a profile value of 0
+PRIOR_SIGMA_FLOOR = np.array([1.0, 1e-16, 1e-16, 1e-14, 1.0, 1.0, 1.0])
 #: the physics that ties the idle decay to static power: when a step ends, the device is still clocked
 #: up and draws its static power, which then decays to idle, so ``idle_decay_power_w ≈ static_power_w -
 #: idle_power_w``; stated uncertainty of that relation (1 sigma, relative to static power). With it, the
 #: decay after busy periods (measured at idle power's low noise) informs static power, which busy
 #: memory-bound steps alone cannot separate from energy per byte (both grow with the bytes moved).
 DECAY_TIE_REL_SIGMA = 0.1
-_TIE = np.array([1.0, 0.0, 0.0, 0.0, -1.0, -1.0])  # static - idle - decay
+_TIE = np.array([1.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0])  # static - idle - decay
 #: the publish-time error of a counter change (s): a regression row's energy is uncertain by this long
 #: at the power drawn around each of its two ends (the prior's weights are stated at TDP)
 ROW_NOISE_S = 0.01
@@ -63,11 +72,11 @@ ENVELOPE = 2
 #: relative ridge there outweighs the data and drags the fit to the profile's split, which static
 #: power and energy per byte then compensate (static +12 % on a noiseless A100 twin trace)
 RELATIVE_RIDGE = 1e-3
-_RELATIVE_RIDGE_ON = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+_RELATIVE_RIDGE_ON = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
 def prior_precision(prior: Coefficients) -> np.ndarray:
-    """Ridge weights (a 6×6 matrix) that make the fit a posterior with the hardware profile as an
+    """Ridge weights (a square matrix, one row per coefficient) that make the fit a posterior with the hardware profile as an
     absolute prior: ``noise² / sigma²`` per coefficient, in the regression's units, plus
     the decay tie."""
     theta = prior.theta
@@ -182,11 +191,11 @@ def row_weights(b_t: np.ndarray, b_e: np.ndarray, lag: int, tdp_w: float) -> np.
 
 def _cumulative_columns(cols: StepColumns, coef: Coefficients, t: np.ndarray, capped: np.ndarray,
                         origin: float, prev_end: float) -> np.ndarray:
-    """Cumulative [dt, F, F·u, B, capped energy at tdp, idle time, decay integral] at each time ``t``."""
+    """Cumulative [dt, F, F·u, B, capped time, idle time, decay integral] at each time ``t``."""
     feats = coef.step_features(cols)
     free_feats = np.where(capped[:, None], 0.0, feats)
-    known = np.where(capped, coef.tdp_w * feats[:, 0], 0.0)
-    vals = np.column_stack([free_feats, known])
+    capped_dt = np.where(capped, feats[:, 0], 0.0)
+    vals = np.column_stack([free_feats, capped_dt])
     cv, ci, cd = cumulative(t, cols.t_start, cols.t_end, vals, coef.tau_s, origin, prev_end)
     return np.column_stack([cv, ci, cd])
 
@@ -197,16 +206,17 @@ def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e:
 
     Overlapping windows of ``lag`` counter intervals (~1 s): the error of an estimated publish time
     enters a window once instead of every 100 ms interval, while the windows still resolve how the
-    mix of prefill and decode changes. Capped steps' known energy (tdp·dt) is moved to y.
-    Returns (X [rows, 6], y [rows]).
+    mix of prefill and decode changes. A capped step enters only by its duration, the cap power's
+    column (its energy is the cap power on the counter's scale times its duration).
+    Returns (X [rows, coefficients], y [rows]).
     """
     if capped is None:
         capped = np.zeros(len(cols.t_start), dtype=bool)
     c = _cumulative_columns(cols, coef, b_t, capped, origin, prev_end)
     lag = max(1, min(lag, len(b_t) - 1))
     d = c[lag:] - c[:-lag]
-    X = np.column_stack([d[:, 0:4], d[:, 5], d[:, 6]])
-    y = (b_e[lag:] - b_e[:-lag]) - d[:, 4]
+    X = np.column_stack([d[:, 0:4], d[:, 5], d[:, 6], d[:, 4]])
+    y = b_e[lag:] - b_e[:-lag]
     return X, y
 
 
@@ -272,5 +282,4 @@ def interval_fit(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np
     intervals, not the fit's 10-interval windows): the fit's quality, for reports."""
     _, capped = coef.step_energy(cols)
     X, y = interval_design(cols, coef, b_t, b_e, origin, prev_end, capped, lag=1)
-    known = (b_e[1:] - b_e[:-1]) - y  # capped steps' energy, moved out of y by the design
-    return {"t0": b_t[:-1], "t1": b_t[1:], "measured_j": b_e[1:] - b_e[:-1], "predicted_j": X @ coef.theta + known}
+    return {"t0": b_t[:-1], "t1": b_t[1:], "measured_j": y, "predicted_j": X @ coef.theta}

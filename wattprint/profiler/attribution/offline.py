@@ -15,6 +15,7 @@ from wattprint.profiler.attribution.coefficients import Coefficients, prior_coef
 from wattprint.profiler.attribution.compact import CompactTrace
 from wattprint.profiler.attribution.features import FAR_PAST_S
 from wattprint.profiler.attribution.fit import fit_device, interval_fit
+from wattprint.profiler.attribution.latency import estimate_latency_s, shifted
 from wattprint.profiler.attribution.settle import (
     block_edges,
     extrapolate_after,
@@ -98,12 +99,19 @@ def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: S
                 f"energy of device {d} does not cover the steps: {have}, steps span "
                 f"[{t_first:.3f}, {t_last:.3f}] s ({outside} step(s) wholly outside the samples)", energy_path)
         b_t, b_e = with_first_sample(b_t, b_e, float(t[0]), float(e[0]))
-        origin = float(b_t[0])
+        first_is_sample = bool(b_t[0] == t[0])
+        latency = 0.0
         if coefficients is None:
-            coef, info = fit_device(cols, prior_coefficients(hw, n_dev), b_t, b_e, origin)
+            prior = prior_coefficients(hw, n_dev)
+            coef, info = fit_device(cols, prior, b_t, b_e, float(b_t[0]))
+            latency = estimate_latency_s(cols, coef, prior, b_t, b_e, first_is_sample=first_is_sample)
+            if latency > 0:  # the counter's changes moved back by its latency, then the fit again
+                b_t = shifted(b_t, latency, first_is_sample)
+                coef, info = fit_device(cols, prior, b_t, b_e, float(b_t[0]))
         else:
             coef, info = coefficients[len(fits)], {"fixed": True}
-        info.update(device=d, counter_resets=resets, **coef.as_dict())
+        origin = float(b_t[0])
+        info.update(device=d, counter_resets=resets, counter_latency_s=latency, **coef.as_dict())
         fits.append(info)
         intervals.append(interval_fit(cols, coef, b_t, b_e, origin))
         edges = block_edges(b_t, window_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import msgspec
 import numpy as np
 
 from wattprint.errors import InputError
@@ -12,6 +13,13 @@ from wattprint.profiler.attribution.coefficients import Coefficients, prior_coef
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.devices import OnlineDevice
 from wattprint.profiler.attribution.features import FAR_PAST_S
+from wattprint.profiler.attribution.pacing import (  # noqa: F401 (the lead's bounds, re-exported)
+    MAX_LEAD_ENTRIES,
+    MIN_LEAD_WINDOWS,
+    fit_lead_s,
+    fit_timing,
+    refit_blocks,
+)
 from wattprint.profiler.attribution.pending import (
     Added,
     Intake,
@@ -34,14 +42,6 @@ from wattprint.profiler.timeline.counter import publish_mode
 __all__ = ["Added", "OnlineAttributor"]
 
 
-#: the fit's default lead over settlement, in windows (30 s): a block is settled with coefficients that
-#: have seen the counter this long past its end (a GPU at its power cap teaches the fit only in the lulls
-#: between bursts)
-LOOKAHEAD_WINDOWS = 15
-#: memory first: while the unsettled steps hold more request entries than this (~16 bytes each), the lead
-#: shrinks to MIN_LEAD_WINDOWS (at 2,000 steps/s × 64 requests the full lead would hold ~4 M entries)
-MAX_LEAD_ENTRIES = 1_500_000
-MIN_LEAD_WINDOWS = 5
 
 
 class OnlineAttributor:
@@ -67,14 +67,7 @@ class OnlineAttributor:
         self.window_s, self.grace_s = window_s, grace_s
         self.stale_after_s = stale_after_s  # a request unseen this long (aborted between steps) is settled
         self.half_life_s = fit_half_life_s
-        # the fit runs ahead of settlement (default: LOOKAHEAD_WINDOWS), so early blocks are not split by
-        # an unformed fit; final records come that much later (provisional ones at once)
-        lookahead = LOOKAHEAD_WINDOWS * window_s if fit_lookahead_s is None else fit_lookahead_s
-        self.lookahead_s = lookahead if coefficients is None else 0.0
-        # and nothing is settled before the fit has seen this much of the counter (default: ten windows,
-        # 20 s): a sidecar's first blocks are not split by a fit formed on seconds of data
-        warmup = 10.0 * window_s if fit_warmup_s is None else fit_warmup_s
-        self.warmup_s = warmup if coefficients is None else 0.0
+        self.lookahead_s, self.warmup_s = fit_timing(window_s, fit_lookahead_s, fit_warmup_s, coefficients is None)
         self._fitted_until: float | None = None
         self._fit_from: float | None = None
         self._pending = PendingSteps()  # steps not yet wholly settled, as columns
@@ -144,8 +137,6 @@ class OnlineAttributor:
 
     def totals(self) -> Totals:
         """Cumulative totals at the last settled instant (``attributed_j + idle_j == measured_j``)."""
-        import msgspec
-
         return msgspec.convert(msgspec.to_builtins(self._totals), Totals)
 
     def lag_s(self, now_s: float) -> float:
@@ -253,21 +244,29 @@ class OnlineAttributor:
         if edges is None:
             return False
         start, end = edges
-        origins = fit_origins(self._dev, start, self._settled_until, self._fitted_until is None)
-        first, p = min(origins), self._pending
+        self._fit_block(start, end, self._dev, self._fitted_until is None)
+        self._fitted_until, self._fit_from = end, start if self._fit_from is None else self._fit_from
+        redo, first = [d for d in self._dev if d.needs_refit], self._settled_until is None
+        for d in redo:  # the latency moved: the blocks not yet settled are fitted again with it
+            d.restart_fit(first)
+        for t, e in refit_blocks(self._dev[0].b_t, self._fit_from if first else self._settled_until, end,
+                                 self.window_s) if redo else ():
+            self._fit_block(t, e, redo, first and t == self._fit_from, refit=True)
+        return True
+
+    def _fit_block(self, start: float, end: float, devs: list, first: bool, refit: bool = False) -> None:
+        origins = fit_origins(devs, start, self._settled_until, first)
+        lo, p = min(origins), self._pending
         t0, t1 = p.col("t_start"), p.col("t_end")
-        steps = np.flatnonzero((t0 < end) & (t1 > first))
-        before = t1[t1 <= first]
+        steps = np.flatnonzero((t0 < end) & (t1 > lo))
+        before = t1[t1 <= lo]
         prev_end = max(self._prev_end, float(before.max())) if len(before) else self._prev_end
         if len(steps):
             cols = p.columns(steps, self.g, self.table.ids)
-            for dev, origin in zip(self._dev, origins):
+            for dev, origin in zip(devs, origins):
                 b_t, b_e = dev.boundaries_between(origin, end)
-                dev.update_fit(cols, b_t, b_e, origin, prev_end, self.half_life_s, new_after=start)
-        self._fitted_until = end
-        if self._fit_from is None:
-            self._fit_from = start
-        return True
+                dev.update_fit(cols, b_t, b_e, origin, prev_end, self.half_life_s, new_after=start,
+                               settled_until=self._settled_until, refit=refit)
 
     def _settle_next(self, now_s: float) -> bool:
         edges = self._block_edges(now_s, self._settled_until)
@@ -365,11 +364,3 @@ def fit_origins(devices: Sequence[OnlineDevice], start: float, settled_until: fl
         return [start for _ in devices]
     held = -math.inf if settled_until is None else settled_until
     return [dev.fit_origin(start, held) for dev in devices]
-
-
-def fit_lead_s(lookahead_s: float, window_s: float, pending_entries: int) -> float:
-    """How far the fit must have seen past a block before it is settled: ``lookahead_s``, or at most
-    ``MIN_LEAD_WINDOWS`` windows while the unsettled entries exceed ``MAX_LEAD_ENTRIES``."""
-    if pending_entries > MAX_LEAD_ENTRIES:
-        return min(lookahead_s, MIN_LEAD_WINDOWS * window_s)
-    return lookahead_s

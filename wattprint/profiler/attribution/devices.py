@@ -13,6 +13,7 @@ from wattprint.profiler.attribution.fit import (
     fit_report,
     fit_rows,
     noise_j2,
+    parabola_vertex,
     posterior,
     prior_mean,
     prior_precision,
@@ -193,7 +194,6 @@ class OnlineDevice:
         self.b_t[k:] = np.maximum.accumulate(new).tolist()
 
 
-
 def between_grid_points(taus: list[float], thetas: list[np.ndarray], resid: np.ndarray, k: int):
     """The idle decay time constant between grid points: the vertex of a parabola in log τ through the
     best grid point ``k`` and its neighbours (as offline), with the coefficients interpolated linearly
@@ -202,12 +202,10 @@ def between_grid_points(taus: list[float], thetas: list[np.ndarray], resid: np.n
     if not 0 < k < len(taus) - 1:
         return taus[k], thetas[k]
     x = np.log(taus[k - 1: k + 2])
-    r = resid[k - 1: k + 2]
-    h = x[1] - x[0]
-    curv = (r[2] - 2.0 * r[1] + r[0]) / h**2
-    if curv <= 0:
+    vertex = parabola_vertex(x, resid[k - 1: k + 2])
+    if vertex is None:
         return taus[k], thetas[k]
-    xv = float(np.clip(x[1] - (r[2] - r[0]) / (2.0 * h) / curv, x[0], x[2]))
+    xv = float(np.clip(vertex[0], x[0], x[2]))
     j = k - 1 if xv < x[1] else k  # the grid interval [j, j+1] holding the vertex
     w = (xv - np.log(taus[j])) / (np.log(taus[j + 1]) - np.log(taus[j]))
     return float(np.exp(xv)), (1.0 - w) * thetas[j] + w * thetas[j + 1]

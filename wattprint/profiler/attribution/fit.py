@@ -267,13 +267,23 @@ def fit_device(cols: StepColumns, coef0: Coefficients, b_t: np.ndarray, b_e: np.
     if 0 < k < len(fits) - 1:
         x = np.log(TAU_GRID_S[k - 1: k + 2])
         r = np.array([f[0] for f in fits[k - 1: k + 2]])
-        curv = (r[2] - 2 * r[1] + r[0]) / (x[1] - x[0]) ** 2
-        if curv > 0:
-            tau = float(np.exp(x[1] - (r[2] - r[0]) / (2 * (x[1] - x[0])) / curv))
-            refined = at(tau)
+        vertex = parabola_vertex(x, r)
+        if vertex is not None:
+            refined = at(float(np.exp(vertex[0])))
             if refined[0] < best[0]:
                 best = refined
     return best[1], best[2]
+
+
+def parabola_vertex(x: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
+    """Through three equally spaced points ``(x, r)``: the vertex's ``x`` and the curvature ``d²r/dx²``;
+    None where the parabola does not open upward. The grid refinement of the idle decay time constant
+    (offline and online) and of the counter's latency."""
+    h = x[1] - x[0]
+    curv = (r[2] - 2.0 * r[1] + r[0]) / h**2
+    if curv <= 0:
+        return None
+    return float(x[1] - (r[2] - r[0]) / (2.0 * h) / curv), float(curv)
 
 
 def interval_fit(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np.ndarray, origin: float,

@@ -34,6 +34,7 @@ from wattprint.profiler.attribution.fit import (
     NormalEquations,
     fit_rows,
     noise_j2,
+    parabola_vertex,
     posterior,
     prior_mean,
     prior_precision,
@@ -149,15 +150,11 @@ def vertex(rss: np.ndarray, n_rows: float = 0.0) -> tuple[float, float]:
     ~0.45 ms around the true latency)."""
     k = int(np.argmin(rss))
     grid = np.asarray(LATENCY_GRID_S)
-    step = grid[1] - grid[0]
-    lo, hi = max(k - 1, 0), min(k + 1, len(grid) - 1)
-    if hi - lo < 2:  # at an end of the grid: the neighbour's side only
-        lo, hi = (0, 2) if k == 0 else (len(grid) - 3, len(grid) - 1)
-    r0, r1, r2 = rss[lo], rss[lo + 1], rss[hi]
-    curv = (r0 - 2.0 * r1 + r2) / step**2  # d²rss/dL²
-    if curv <= 0:
+    lo = min(max(k - 1, 0), len(grid) - 3)  # at an end of the grid: the neighbours on its one side
+    vertex = parabola_vertex(grid[lo: lo + 3], np.asarray(rss)[lo: lo + 3])
+    if vertex is None:
         return float(grid[k]), float("inf")
-    best = float(np.clip(grid[lo + 1] + step * (r0 - r2) / (2.0 * curv * step**2), grid[0], grid[-1]))
+    best, curv = float(np.clip(vertex[0], grid[0], grid[-1])), vertex[1]  # curv: d²rss/dL²
     dof = n_rows - (len(COEF_NAMES) + 1)
     if dof <= 0:
         return best, float("inf")

@@ -140,9 +140,9 @@ def exposition():
     sc = Sidecar(SimulatedMeter("h100-sxm", n_devices=1, seed=0), socket_path=os.path.join(tmp, "wp.sock"),
                  metrics_port=0, window_s=0.3, advance_interval_s=0.05)
     ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
     try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
         with sc:
             push.connect(sc.address)
             ids: list[str] = []
@@ -158,8 +158,7 @@ def exposition():
             assert "wattprint_requests_total{" in text, text
             yield text
     finally:
-        push.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # closes the socket (unsent messages dropped), then terminates
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -155,23 +155,24 @@ def test_at_most_max_in_flight_questions_wait(server):
 def test_hostile_questions_are_counted_and_harmless(server):
     srv, _, stats, _ = server
     ctx = zmq.Context()
-    peer = ctx.socket(zmq.DEALER)
-    peer.setsockopt(zmq.LINGER, 0)
-    peer.connect(srv.address)
-    for frames in ([b"\xc1garbage"], [b"a", b"b"], [msgspec.msgpack.encode([1, "x"])],
-                   [msgspec.msgpack.encode(Question(1, "", "r1", "s"))],
-                   [msgspec.msgpack.encode(Question(1, "x" * 600, "r1", "s"))]):
-        peer.send_multipart(frames)
-    peer.send(b"x" * 10_000)  # over the size limit: ZeroMQ drops the connection
-    time.sleep(0.3)
-    assert stats.errors().get("lookup_bad_question") == 5
-    lk = ZmqLookup(srv.address, timeout_s=5.0)  # the answer, not its latency, is what this checks
     try:
-        assert asyncio.run(_ask(lk))["energy_j"] == 3.0  # still serving
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(srv.address)
+        for frames in ([b"\xc1garbage"], [b"a", b"b"], [msgspec.msgpack.encode([1, "x"])],
+                       [msgspec.msgpack.encode(Question(1, "", "r1", "s"))],
+                       [msgspec.msgpack.encode(Question(1, "x" * 600, "r1", "s"))]):
+            peer.send_multipart(frames)
+        peer.send(b"x" * 10_000)  # over the size limit: ZeroMQ drops the connection
+        time.sleep(0.3)
+        assert stats.errors().get("lookup_bad_question") == 5
+        lk = ZmqLookup(srv.address, timeout_s=5.0)  # the answer, not its latency, is what this checks
+        try:
+            assert asyncio.run(_ask(lk))["energy_j"] == 3.0  # still serving
+        finally:
+            lk.close()
     finally:
-        lk.close()
-    peer.close(0)
-    ctx.term()
+        ctx.destroy(linger=0)
 
 
 def test_lookup_address_only_beside_an_ipc_socket():

@@ -193,9 +193,9 @@ def test_a_closing_sender_reports_its_last_drops(tmp_path):
     """Records dropped after the last message the wire took are reported by a last, empty message."""
     address = f"ipc://{tmp_path}/s.sock"
     ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(address)
     try:
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(address)
         sender = DirectSender(address)
         sender.send(StepRecord(0, 1.0, 1.1, [RequestEntry("a", 1, 0, 0)]), 1.1, True)
         sender.lost(3)
@@ -207,8 +207,7 @@ def test_a_closing_sender_reports_its_last_drops(tmp_path):
                 break
         assert [len(m.records) for m in got] == [1, 0] and got[-1].dropped_total == 3
     finally:
-        pull.close(0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 

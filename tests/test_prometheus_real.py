@@ -87,14 +87,14 @@ def test_real_prometheus_scrapes_real_sidecar():
     meter = SimulatedMeter("h100-sxm", n_devices=1, seed=0)
     sc = Sidecar(meter, socket_path=str(tmp / "wp.sock"), metrics_port=0, window_s=0.5, advance_interval_s=0.05)
     ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
     stop = threading.Event()
     ids: list[str] = []
     feeder = None
     proc = None
     log = tmp / "prometheus.log"
     try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
         sc.start()
         push.connect(sc.address)
         feeder = threading.Thread(target=feed_steps, args=(push, stop.is_set, ids), daemon=True)
@@ -230,10 +230,9 @@ def test_real_prometheus_scrapes_real_sidecar():
         stop.set()
         if feeder is not None:
             feeder.join(timeout=5)
+        ctx.destroy(linger=0)  # closes the socket (unsent messages dropped), then terminates
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-        push.close()
-        ctx.term()
         sc.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -212,16 +212,19 @@ class Hook:
 
     def __init__(self, address):
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(address)
+        try:
+            self.sock = self.ctx.socket(zmq.PUSH)
+            self.sock.setsockopt(zmq.LINGER, 1000)
+            self.sock.connect(address)
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, msg):
         self.sock.send(msg if isinstance(msg, bytes) else transport.encode(msg))
 
     def close(self):
-        self.sock.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # the tests wait for what they sent: nothing unsent is needed
 
 
 def _step(step, reqs, t0=None, dur=0.01):
@@ -464,6 +467,7 @@ def test_restart_on_same_socket_resumes(sock_path, tmp_path):
             assert sc2.ledger.duplicates == 1
     finally:
         hook.close()
+        sc1.stop()  # on failure before the stop above: its receiving socket closes too
     assert [r["id"] for r in read_ledger(ledger)] == ["done-1", "done-2"]
 
 

@@ -43,10 +43,10 @@ def test_real_attributor_end_to_end(tmp_path):
                  advance_interval_s=0.05, operator_token=OPERATOR)
     with sc:
         ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(sc.address)
         try:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(sc.address)
             push.send(transport.encode(transport.Hello(pid=os.getpid(), model="tiny", model_config=LLAMA)))
             step = 0
             t_end = time.monotonic() + 1.2
@@ -87,8 +87,7 @@ def test_real_attributor_end_to_end(tmp_path):
             coeffs = [s for s in samples if s.name == "wattprint_model_coefficient"]
             assert coeffs
         finally:
-            push.close()
-            ctx.term()
+            ctx.destroy(linger=0)  # closes the socket (unsent messages dropped), then terminates
     rows = read_ledger(ledger)
     assert sorted(r["id"] for r in rows) == ["chatcmpl-a-0a0a0a0a", "chatcmpl-b-0b0b0b0b"]
     assert all(r["source"] == "simulated" for r in rows)

@@ -139,13 +139,15 @@ def test_serve_hardened(tmp_path):
 
         # 2,000 garbage frames, then a request that still gets its final record
         ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 2000)
-        push.connect(f"ipc://{sock_dir / 'sidecar.sock'}")
-        for i in range(2000):
-            push.send(os.urandom(1 + i % 64))
-        push.close()
-        ctx.term()
+        try:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 2000)
+            push.connect(f"ipc://{sock_dir / 'sidecar.sock'}")
+            for i in range(2000):
+                push.send(os.urandom(1 + i % 64))
+            push.close()  # term() below waits (LINGER) for the frames to go out
+        finally:
+            ctx.destroy(linger=0)  # on failure: closes the socket unflushed; then terminates
         _wait(lambda: _dropped(metrics).get("decode_error", 0) >= 2000, 60, "2000 decode errors", proc, log)
         body, headers = _post(base, {"model": "tiny", "prompt": "after", "max_tokens": 4, "ignore_eos": True}, {})
         rec = _final(headers["x-wattprint-energy-url"], proc, log)

@@ -335,9 +335,9 @@ def test_install_drives_async_scheduler_over_the_wire(tiny_config, patched, tmp_
 
     address = f"ipc://{tmp_path}/hook.sock"
     ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(address)
     try:
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(address)
         assert hook.install(address)
         eng = Engine(make_scheduler(tiny_config, "async"), "async")
         eng.add("x-0123abcd", prompt(30, 70), max_tokens=8)  # vLLM's internal ids: kept as they are
@@ -350,8 +350,7 @@ def test_install_drives_async_scheduler_over_the_wire(tiny_config, patched, tmp_
             if sum(len(m.records) for m in got if isinstance(m, messages.Steps)) == len(eng.steps):
                 break
     finally:
-        pull.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
     hello = next(m for m in got if isinstance(m, messages.Hello))
     assert hello.engine == "vllm" and hello.kv_block_size == BLOCK
     records = [r for m in got if isinstance(m, messages.Steps) for r in m.records]

@@ -88,49 +88,52 @@ def test_observer_async_order_recompute_and_finish(tmp_path, sender_kind):
     RUNNING, PREEMPTED, FINISHED = 5, 6, 7
     address = f"ipc://{tmp_path}/obs.sock"
     ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(address)
-    obs = StepObserver(SENDERS[sender_kind](address, hwm=1000), finished_above=PREEMPTED)
-    obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
+    obs = None
+    try:
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(address)
+        obs = StepObserver(SENDERS[sender_kind](address, hwm=1000), finished_above=PREEMPTED)
+        obs.hello = transport.encode(transport.Hello(pid=1, model="m", model_config={}))
 
-    def req(rid, prompt, outputs=0, computed=0, stratum=None):
-        return NS(request_id=rid, num_prompt_tokens=prompt, num_tokens=prompt + outputs,
-                  output_token_ids=[0] * outputs, num_computed_tokens=computed, status=RUNNING,
-                  sampling_params=NS(extra_args={"stratum": stratum} if stratum else None))
+        def req(rid, prompt, outputs=0, computed=0, stratum=None):
+            return NS(request_id=rid, num_prompt_tokens=prompt, num_tokens=prompt + outputs,
+                      output_token_ids=[0] * outputs, num_computed_tokens=computed, status=RUNNING,
+                      sampling_params=NS(extra_args={"stratum": stratum} if stratum else None))
 
-    a = req("a-0123abcd", 10, stratum="science")
-    b = req("b-89abcdef", 12, outputs=5)  # preempted: recomputes prompt and outputs
-    sched = NS(requests={a.request_id: a, b.request_id: b})
+        a = req("a-0123abcd", 10, stratum="science")
+        b = req("b-89abcdef", 12, outputs=5)  # preempted: recomputes prompt and outputs
+        sched = NS(requests={a.request_id: a, b.request_id: b})
 
-    def schedule(t, tokens):
-        for rid, n in tokens.items():
-            sched.requests[rid].num_computed_tokens += n
-        out = NS(num_scheduled_tokens=tokens)
-        obs.on_schedule(sched, out, t)
-        return out
+        def schedule(t, tokens):
+            for rid, n in tokens.items():
+                sched.requests[rid].num_computed_tokens += n
+            out = NS(num_scheduled_tokens=tokens)
+            obs.on_schedule(sched, out, t)
+            return out
 
-    s1 = schedule(1.0, {a.request_id: 10, b.request_id: 8})  # a: whole prompt; b: recompute chunk
-    s2 = schedule(2.0, {a.request_id: 1, b.request_id: 8})   # async: before update(s1)
-    obs.on_update(s1, 3.0)
-    a.num_tokens += 1
-    a.output_token_ids.append(1)
-    s3 = schedule(3.5, {a.request_id: 1, b.request_id: 1})
-    a.status = FINISHED  # a stops (EOS) in update(s2) while s3, which has it, is in flight
-    a.output_token_ids.append(2)
-    obs.on_update(s2, 4.0)
-    b.status = FINISHED  # b is aborted while s3 runs
-    obs.on_update(s3, 5.0, idle=True)
+        s1 = schedule(1.0, {a.request_id: 10, b.request_id: 8})  # a: whole prompt; b: recompute chunk
+        s2 = schedule(2.0, {a.request_id: 1, b.request_id: 8})   # async: before update(s1)
+        obs.on_update(s1, 3.0)
+        a.num_tokens += 1
+        a.output_token_ids.append(1)
+        s3 = schedule(3.5, {a.request_id: 1, b.request_id: 1})
+        a.status = FINISHED  # a stops (EOS) in update(s2) while s3, which has it, is in flight
+        a.output_token_ids.append(2)
+        obs.on_update(s2, 4.0)
+        b.status = FINISHED  # b is aborted while s3 runs
+        obs.on_update(s3, 5.0, idle=True)
 
-    records = []
-    while pull.poll(1000):
-        msg = transport.decode(pull.recv())
-        if isinstance(msg, transport.Steps):
-            records += msg.records
-        if len(records) == 3:
-            break
-    obs.close()
-    pull.close(linger=0)
-    ctx.term()
+        records = []
+        while pull.poll(1000):
+            msg = transport.decode(pull.recv())
+            if isinstance(msg, transport.Steps):
+                records += msg.records
+            if len(records) == 3:
+                break
+    finally:
+        if obs is not None:
+            obs.close()
+        ctx.destroy(linger=0)
     assert [r.step for r in records] == [0, 1, 2]
     assert [(r.t_start, r.t_end) for r in records] == [(1.0, 3.0), (3.0, 4.0), (4.0, 5.0)]
     rows = [{e.id: (e.prefill_tokens, e.decode_tokens, e.context_tokens, e.finished) for e in r.requests}
@@ -254,9 +257,11 @@ class Receiver:
         return self.wait(done, timeout_s)
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.unbind()
-        self.ctx.term()
+        try:
+            if self.sock is not None:
+                self.unbind()
+        finally:
+            self.ctx.destroy(linger=0)  # also closes a socket that unbind() left open
 
 
 @pytest.fixture(scope="module", params=["direct", "thread"])

@@ -11,6 +11,8 @@ from wattprint.profiler.core.hardware import HardwareProfile
 
 COEF_NAMES = ("static_power_w", "energy_per_flop_j", "energy_per_flop_util_j", "energy_per_byte_j",
               "idle_power_w", "idle_decay_power_w", "cap_power_w")
+#: the model's constants that are never fitted: always the hardware profile's
+PROFILE_ONLY_NAMES = ("power_tail_fraction", "power_tail_tau_s")
 
 
 @dataclass
@@ -30,6 +32,11 @@ class Coefficients:
     tdp_w: float
     peak_flops: float  # per device
     n_devices: int = 1
+    #: the fast tail in the gap after a step: this fraction of the step's dynamic power (above static),
+    #: fading with this time constant; from the hardware profile, never fitted (a ~100 ms counter
+    #: cannot resolve it)
+    tail_fraction: float = 0.0
+    tail_tau_s: float = 0.020
 
     @property
     def theta(self) -> np.ndarray:
@@ -38,7 +45,8 @@ class Coefficients:
     def with_theta(self, theta: np.ndarray, tau_s: float | None = None) -> Coefficients:
         kw = dict(zip(COEF_NAMES, map(float, theta)))
         return Coefficients(**kw, tau_s=self.tau_s if tau_s is None else tau_s, tdp_w=self.tdp_w,
-                            peak_flops=self.peak_flops, n_devices=self.n_devices)
+                            peak_flops=self.peak_flops, n_devices=self.n_devices,
+                            tail_fraction=self.tail_fraction, tail_tau_s=self.tail_tau_s)
 
     def utilisation(self, flops: np.ndarray, dt: np.ndarray) -> np.ndarray:
         return np.clip(flops / (self.n_devices * np.maximum(dt, 1e-9) * self.peak_flops), 0.0, 1.0)
@@ -58,6 +66,12 @@ class Coefficients:
         capped = raw > cap
         return np.clip(raw, 0.0, cap), capped
 
+    def tail_power_w(self, cols: StepColumns, pred: np.ndarray) -> np.ndarray:
+        """The power each step leaves behind as its fast tail: ``tail_fraction`` × its dynamic power
+        (its predicted energy above static power × duration, per second)."""
+        dt = cols.dt
+        return self.tail_fraction * np.maximum(pred - self.static_power_w * dt, 0.0) / dt
+
     def flop_energy_j(self, cols: StepColumns) -> np.ndarray:
         """Effective energy per FLOP in each step (utilisation-dependent)."""
         u = self.utilisation(cols.step_flops, cols.dt)
@@ -66,6 +80,8 @@ class Coefficients:
     def as_dict(self) -> dict:
         d = {n: getattr(self, n) for n in COEF_NAMES}
         d["idle_decay_tau_s"] = self.tau_s
+        d["power_tail_fraction"] = self.tail_fraction
+        d["power_tail_tau_s"] = self.tail_tau_s
         return d
 
 
@@ -83,4 +99,6 @@ def prior_coefficients(hw: HardwareProfile, n_devices: int) -> Coefficients:
         tdp_w=hw.tdp_w,
         peak_flops=hw.peak_flops,
         n_devices=n_devices,
+        tail_fraction=hw.power_tail_fraction,
+        tail_tau_s=hw.power_tail_tau_s,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wattprint.profiler.attribution.coefficients import COEF_NAMES, Coefficients
+from wattprint.profiler.attribution.coefficients import COEF_NAMES, PROFILE_ONLY_NAMES, Coefficients
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.fit import (
     FIT_LAG,
@@ -19,18 +19,10 @@ from wattprint.profiler.attribution.fit import (
     prior_precision,
     rss,
 )
-from wattprint.profiler.attribution.latency import (
-    Candidates,
-    has_rises,
-    latency_rows,
-    usable,
-    vertex,
-)
+from wattprint.profiler.attribution.latency import has_rises, usable, vertex
+from wattprint.profiler.attribution.risehistory import RiseBlock, RiseHistory
 from wattprint.profiler.timeline.counter import CounterTrack
 
-#: the latency's running sums start again when the running fit's idle decay time constant moves by more
-#: than this (log ratio: a step of the online grid is 0.17)
-LATENCY_TAU_RESTART = 0.2
 #: the running fit is built again (from the blocks not yet settled) when the latency has moved by more
 #: than this since its rows were built: rows from before the latency was known carried its bias (on the
 #: twin at 0.2 requests/s, boards with a 3-4 ms latency missed the prefill total by 1-2.5 % online)
@@ -53,8 +45,8 @@ class OnlineDevice:
         #: the counter's latency (see :mod:`latency`), applied to each change as it arrives
         self.latency_s = 0.0
         self._fit_latency_s = 0.0  # the latency the running fit's rows were built with
-        self._lat = Candidates()
-        self._lat_tau = coef.tau_s  # the idle decay time constant the candidates' rows were built with
+        self._rises = RiseHistory()  # the latency's running sums (see :mod:`risehistory`)
+        self.prev_tail_w = 0.0  # the fast tail power of the last step settled (its gap's start)
         self._prior = prior_mean(coef)
         self._prior_coef = coef.with_theta(self._prior)
         self._first_block = True
@@ -62,7 +54,8 @@ class OnlineDevice:
         self._noise2 = noise_j2(coef)
         #: one set of sufficient statistics per idle-decay time constant: tau is fitted online too
         self._ne = {tau: NormalEquations() for tau in ONLINE_TAU_GRID_S}
-        self.report: dict = {"fitted": [], "from_profile": list(COEF_NAMES), "counter_latency_s": 0.0}
+        self.report: dict = {"fitted": [], "from_profile": [*COEF_NAMES, *PROFILE_ONLY_NAMES],
+                             "counter_latency_s": 0.0}
 
     @property
     def resets(self) -> int:
@@ -153,19 +146,19 @@ class OnlineDevice:
 
     def _update_latency(self, cols: StepColumns, b_t: np.ndarray, b_e: np.ndarray, prev_end: float,
                         decay: float, first: bool, new_after: float | None) -> None:
-        """Add this block's rows to the latency's running sums when a busy stretch starts in it (the rows
-        that inform it); move the latency to the best candidate (see :mod:`latency`)."""
-        if not has_rises(cols, float(b_t[0]), float(b_t[-1]), prev_end):
+        """Add this block's rows to the latency's running sums when they inform it (see
+        :meth:`RiseHistory.wants`); move the latency to the best candidate (see :mod:`latency`)."""
+        rises = has_rises(cols, float(b_t[0]), float(b_t[-1]), prev_end)
+        if not self._rises.wants(len(cols.t_start), rises):
             return
-        if abs(np.log(self.coef.tau_s / self._lat_tau)) > LATENCY_TAU_RESTART:
-            # the candidates' rows hold the idle decay's time constant, and a latency fitted next to a
-            # wrong one is off by milliseconds (rows from the prior's 2 s on a 2.6 s twin: 0 for 3.9 ms)
-            self._lat, self._lat_tau = Candidates(), self.coef.tau_s
         raw = np.interp(b_t, self.b_t, self.b_raw)  # the boundaries' publish times
         after = None if new_after is None else float(np.interp(new_after, self.b_t, self.b_raw))
-        self._lat.add_from(latency_rows(cols, self.coef, raw, b_e, prev_end, first, after), decay)
-        best, sigma = vertex(self._lat.rss(self._prior, self._lam, self._noise2), self._lat.n_rise)
-        if usable(self._lat.n_rise, sigma):
+        # kept without entries (the rows need none), in copies of their own: ~40 bytes a step
+        steps = StepColumns.steps_only(*(np.array(x) for x in (cols.t_start, cols.t_end, cols.step_flops,
+                                                                cols.step_bytes, cols.step_tokens)), [])
+        sums = self._rises.add(RiseBlock(steps, raw, b_e, prev_end, first, after, decay, rises), self.coef)
+        best, sigma = vertex(sums.rss(self._prior, self._lam, self._noise2), sums.n_rise)
+        if usable(sums.n_rise, sigma):
             self.latency_s = best
 
     @property

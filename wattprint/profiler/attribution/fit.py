@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wattprint.profiler.attribution.coefficients import COEF_NAMES, Coefficients
+from wattprint.profiler.attribution.coefficients import COEF_NAMES, PROFILE_ONLY_NAMES, Coefficients
 from wattprint.profiler.attribution.columns import StepColumns
 from wattprint.profiler.attribution.features import FAR_PAST_S, cumulative
 
@@ -114,7 +114,7 @@ def identified(ne: NormalEquations, lam: np.ndarray) -> np.ndarray:
 def fit_report(ne: NormalEquations, lam: np.ndarray) -> dict:
     ok = identified(ne, lam)
     return {"fitted": [n for n, f in zip(COEF_NAMES, ok) if f],
-            "from_profile": [n for n, f in zip(COEF_NAMES, ok) if not f]}
+            "from_profile": [n for n, f in zip(COEF_NAMES, ok) if not f] + list(PROFILE_ONLY_NAMES)}
 
 
 def rss(ne: NormalEquations, theta: np.ndarray) -> float:
@@ -191,13 +191,21 @@ def row_weights(b_t: np.ndarray, b_e: np.ndarray, lag: int, tdp_w: float) -> np.
 
 def _cumulative_columns(cols: StepColumns, coef: Coefficients, t: np.ndarray, capped: np.ndarray,
                         origin: float, prev_end: float) -> np.ndarray:
-    """Cumulative [dt, F, F·u, B, capped time, idle time, decay integral] at each time ``t``."""
+    """Cumulative [dt, F, F·u, B, capped time, idle time, decay integral] at each time ``t``; the fast
+    tail in the gap after each step adds to its dynamic columns (``tail_fraction`` × its dynamic power:
+    F, F·u and B per second of a free step; cap minus static power for a capped one)."""
     feats = coef.step_features(cols)
     free_feats = np.where(capped[:, None], 0.0, feats)
     capped_dt = np.where(capped, feats[:, 0], 0.0)
     vals = np.column_stack([free_feats, capped_dt])
-    cv, ci, cd = cumulative(t, cols.t_start, cols.t_end, vals, coef.tau_s, origin, prev_end)
-    return np.column_stack([cv, ci, cd])
+    tails = None
+    if coef.tail_fraction > 0:
+        per_s = coef.tail_fraction / np.maximum(feats[:, 0], 1e-12)
+        tails = np.column_stack([-coef.tail_fraction * capped, free_feats[:, 1:] * per_s[:, None],
+                                 coef.tail_fraction * capped])
+    cv, ci, cd, ct = cumulative(t, cols.t_start, cols.t_end, vals, coef.tau_s, origin, prev_end,
+                                tails, coef.tail_tau_s)
+    return np.column_stack([cv + ct, ci, cd])
 
 
 def interval_design(cols: StepColumns, coef: Coefficients, b_t: np.ndarray, b_e: np.ndarray,

@@ -17,7 +17,9 @@ the counter itself:
   into itself (a fixed point ~0.5 ms late on the twin).
 
 Offline and online use this one rule: offline over the whole trace, before the fit proper; online with
-one set of running sums per candidate (forgetting like the fit), from the blocks where power rises.
+one set of running sums per candidate (forgetting like the fit), from the blocks where power rises,
+built again from those blocks when the running fit's idle decay time constant moves
+(:mod:`~wattprint.profiler.attribution.risehistory`).
 """
 
 from __future__ import annotations

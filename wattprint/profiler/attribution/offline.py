@@ -115,7 +115,7 @@ def attribute(steps: Sequence[StepRecord] | StepTrace | CompactTrace, samples: S
         fits.append(info)
         intervals.append(interval_fit(cols, coef, b_t, b_e, origin))
         edges = block_edges(b_t, window_s)
-        energy, idle, static = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
+        energy, idle, static, _ = settle_device(cols, coef, b_t[edges], b_e[edges], origin, -FAR_PAST_S)
         tail, tail_static = extrapolate_after(cols, coef, float(b_t[-1]))
         extrapolated_j += float(tail.sum())
         step_energy += energy + tail

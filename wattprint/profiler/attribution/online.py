@@ -260,6 +260,7 @@ class OnlineAttributor:
         t0, t1 = p.col("t_start"), p.col("t_end")
         steps = np.flatnonzero((t0 < end) & (t1 > lo))
         before = t1[t1 <= lo]
+        # (the fast tail of the step before ``lo`` is left out of these rows: one gap per block, a few mJ)
         prev_end = max(self._prev_end, float(before.max())) if len(before) else self._prev_end
         if len(steps):
             cols = p.columns(steps, self.g, self.table.ids)
@@ -289,8 +290,8 @@ class OnlineAttributor:
             e0, e1 = dev.energy_at(start), dev.energy_at(end)
             measured = e1 - e0
             if cols is not None:
-                energy, idle, static = settle_device(cols, dev.coef, np.array([start, end]),
-                                                     np.array([e0, e1]), start, self._prev_end)
+                energy, idle, static, dev.prev_tail_w = settle_device(
+                    cols, dev.coef, np.array([start, end]), np.array([e0, e1]), start, self._prev_end, dev.prev_tail_w)
                 step_energy += energy
                 step_static += static
                 e_flop += dev.coef.flop_energy_j(cols)

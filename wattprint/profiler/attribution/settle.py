@@ -27,17 +27,22 @@ def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
 
 
 def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: np.ndarray,
-                  origin: float, prev_end: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  origin: float, prev_end: float, prev_tail_w: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Give each block's measured energy (between block edges ``e_t`` with counter values ``e_j``)
-    to the steps and gaps in it, in proportion to the model's prediction.
+    to the steps and gaps in it, in proportion to the model's prediction. A gap's prediction is the
+    idle curve plus the fast tail of the step before it (``prev_tail_w``: the tail power of the step
+    that ended at ``prev_end``, before ``cols``).
 
     Returns (energy of each step's part inside [e_t[0], e_t[-1]], idle joules per block, the static
-    part of each step's energy: fitted static power × the step's duration inside, at most its energy).
+    part of each step's energy: fitted static power × the step's duration inside, at most its energy,
+    the tail power of the last step ended by ``e_t[-1]``, else ``prev_tail_w``: the next run's).
     """
     pred, _ = coef.step_energy(cols)
-    cv, ci, cd = cumulative(e_t, cols.t_start, cols.t_end, pred[:, None], coef.tau_s, origin, prev_end)
+    tails = coef.tail_power_w(cols, pred) if coef.tail_fraction > 0 else None
+    cv, ci, cd, ct = cumulative(e_t, cols.t_start, cols.t_end, pred[:, None], coef.tau_s, origin, prev_end,
+                                tails, coef.tail_tau_s, np.array([prev_tail_w]))
     step_pred = np.diff(cv[:, 0])
-    gap_pred = coef.idle_power_w * np.diff(ci) + coef.idle_decay_power_w * np.diff(cd)
+    gap_pred = coef.idle_power_w * np.diff(ci) + coef.idle_decay_power_w * np.diff(cd) + np.diff(ct[:, 0])
     measured = np.diff(e_j)
     total_pred = step_pred + gap_pred
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -66,7 +71,9 @@ def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: n
     # conservation by construction: a block's idle is what its steps did not receive (equal to its
     # predicted gap energy × scale up to rounding)
     idle = np.where(total_pred > 0, measured - in_block, measured)
-    return energy, idle, static_part(coef, dt * inside, energy)
+    ended = np.flatnonzero(cols.t_end <= e_t[-1])
+    last_tail_w = float(tails[ended[np.argmax(cols.t_end[ended])]]) if tails is not None and len(ended) else prev_tail_w
+    return energy, idle, static_part(coef, dt * inside, energy), last_tail_w
 
 
 def static_part(coef: Coefficients, seconds: np.ndarray, energy: np.ndarray) -> np.ndarray:

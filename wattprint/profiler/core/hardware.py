@@ -1,7 +1,8 @@
 """Hardware profiles: the coefficients the cost model and the attribution start from.
 
 A profile is a YAML mapping with the keys of :class:`HardwareProfile` (calibrated profiles may add
-``energy_per_kv_byte_j`` and a ``fit`` section). ``load_profile`` accepts a path or the name of a
+``energy_per_kv_byte_j`` and a ``fit`` section; any may set the fast tail after a busy step,
+``power_tail_fraction`` and ``power_tail_tau_s``, else 10 % and 20 ms). ``load_profile`` accepts a path or the name of a
 shipped profile (``h100-sxm``, ``h200``, ``a100-sxm``, ``l4``, ``cpu``).
 """
 
@@ -27,6 +28,9 @@ REQUIRED_KEYS = (
     "peak_flops",
     "peak_bandwidth_bytes_s",
 )
+#: optional keys: (default, largest allowed value)
+DEFAULT_TAIL_FRACTION, DEFAULT_TAIL_TAU_S = 0.10, 0.020
+OPTIONAL_KEYS = {"power_tail_fraction": (DEFAULT_TAIL_FRACTION, 1.0), "power_tail_tau_s": (DEFAULT_TAIL_TAU_S, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class HardwareProfile:
     peak_flops: float
     peak_bandwidth_bytes_s: float
     energy_per_kv_byte_j: float | None = None
+    #: the fast tail after a busy step: this fraction of its dynamic power (above static) fades with
+    #: time constant ``power_tail_tau_s`` in the gap after it; no ~100 ms counter resolves it, so the
+    #: attribution takes both from the profile (estimates until measured on the board)
+    power_tail_fraction: float = DEFAULT_TAIL_FRACTION
+    power_tail_tau_s: float = DEFAULT_TAIL_TAU_S
     fit: dict = field(default_factory=dict)
 
     @property
@@ -51,6 +60,8 @@ class HardwareProfile:
         out = {k: getattr(self, k) for k in REQUIRED_KEYS}
         if self.energy_per_kv_byte_j is not None:
             out["energy_per_kv_byte_j"] = self.energy_per_kv_byte_j
+        out["power_tail_fraction"] = self.power_tail_fraction
+        out["power_tail_tau_s"] = self.power_tail_tau_s
         if self.fit:
             out["fit"] = self.fit
         return out
@@ -68,7 +79,7 @@ def profile_from_dict(data: dict, origin: str = "<dict>") -> HardwareProfile:
     if missing:
         raise ConfigError(f"hardware profile lacks {', '.join(missing)}", origin)
     values = {}
-    for key in REQUIRED_KEYS[1:] + ("energy_per_kv_byte_j",):
+    for key in REQUIRED_KEYS[1:] + ("energy_per_kv_byte_j", *OPTIONAL_KEYS):
         if key not in data or (key == "energy_per_kv_byte_j" and data[key] is None):
             continue
         v = data[key]
@@ -82,6 +93,11 @@ def profile_from_dict(data: dict, origin: str = "<dict>") -> HardwareProfile:
         values[key] = float(v)
     if values["tdp_w"] <= 0:
         raise ConfigError("hardware profile key 'tdp_w' must be positive", origin)
+    for key, (_, most) in OPTIONAL_KEYS.items():
+        if values.get(key, 0.0) > most:
+            raise ConfigError(f"hardware profile key {key!r} must be at most {most:g}, got {values[key]!r}", origin)
+    if values.get("power_tail_tau_s", DEFAULT_TAIL_TAU_S) <= 0:
+        raise ConfigError("hardware profile key 'power_tail_tau_s' must be positive", origin)
     fit = data.get("fit") or {}
     if not isinstance(fit, dict):
         raise ConfigError("hardware profile key 'fit' must be a mapping", origin)

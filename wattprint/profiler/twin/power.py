@@ -133,15 +133,23 @@ class GpuTwin:
     """Activity -> power for one GPU, with H100-like effects.
 
     ``profile`` holds the true coefficients (static power, energy per FLOP at nominal utilisation,
-    energy per byte, TDP, idle power, peaks).
+    energy per byte, TDP, idle power, peaks, the fast tail after a step).
     """
 
     profile: HardwareProfile
     flop_util_slope: float = 0.4  # energy per FLOP = e_flop·(1 - slope/2 + slope·u), u = achieved/peak
     idle_tau_s: float = 2.5  # idle power decays slowly after activity
-    tail_tau_s: float = 0.02  # the last step's dynamic power fades over ~20 ms (not identifiable from the counter)
-    tail_fraction: float = 0.10
+    # the last step's dynamic power fades over ~20 ms (not identifiable from the counter): the profile's
+    # power_tail_fraction and power_tail_tau_s unless given
+    tail_tau_s: float | None = None
+    tail_fraction: float | None = None
     cap_exponent: float = 0.7  # a capped step stretches by (P_uncapped / TDP) ** exponent
+
+    def __post_init__(self) -> None:
+        if self.tail_tau_s is None:
+            self.tail_tau_s = self.profile.power_tail_tau_s
+        if self.tail_fraction is None:
+            self.tail_fraction = self.profile.power_tail_fraction
 
     def energy_per_flop_j(self, utilisation):
         s = self.flop_util_slope

@@ -23,7 +23,12 @@ from wattprint.profiler.attribution.latency import (
 )
 from wattprint.profiler.attribution.offline import attribute
 from wattprint.profiler.attribution.replay import replay_online
-from wattprint.profiler.attribution.risehistory import STEADY_BLOCK_STEPS, RiseBlock, RiseHistory
+from wattprint.profiler.attribution.risehistory import (
+    STEADY_AFTER_RISE_S,
+    STEADY_BLOCK_STEPS,
+    RiseBlock,
+    RiseHistory,
+)
 from wattprint.profiler.core.costmodel import geometry_from_config
 from wattprint.profiler.core.hardware import load_profile
 from wattprint.profiler.meters.replay import readings_from_samples
@@ -233,8 +238,9 @@ def test_refit_blocks_cover_the_span_at_counter_changes():
 
 def test_rise_history_keeps_small_blocks_between_rises_only_after_one():
     hist = RiseHistory()
-    assert not hist.wants(100, rises=False)  # nothing to explain yet
-    assert hist.wants(50_000, rises=True)
-    hist.steps[True] = 10
-    assert hist.wants(100, rises=False)
-    assert not hist.wants(STEADY_BLOCK_STEPS + 1, rises=False)  # a busy device: its blocks cost too much
+    assert not hist.wants(100, rises=False, t_s=10.0)  # nothing to explain yet
+    assert hist.wants(50_000, rises=True, t_s=10.0)
+    hist.last_rise_s = 10.0
+    assert hist.wants(100, rises=False, t_s=12.0)
+    assert not hist.wants(STEADY_BLOCK_STEPS + 1, rises=False, t_s=12.0)  # a busy device: too costly
+    assert not hist.wants(100, rises=False, t_s=10.0 + STEADY_AFTER_RISE_S + 1)  # long after the last rise

@@ -149,7 +149,7 @@ class OnlineDevice:
         """Add this block's rows to the latency's running sums when they inform it (see
         :meth:`RiseHistory.wants`); move the latency to the best candidate (see :mod:`latency`)."""
         rises = has_rises(cols, float(b_t[0]), float(b_t[-1]), prev_end)
-        if not self._rises.wants(len(cols.t_start), rises):
+        if not self._rises.wants(len(cols.t_start), rises, float(b_t[-1])):
             return
         raw = np.interp(b_t, self.b_t, self.b_raw)  # the boundaries' publish times
         after = None if new_after is None else float(np.interp(new_after, self.b_t, self.b_raw))

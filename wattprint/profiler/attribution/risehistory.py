@@ -31,9 +31,10 @@ REBUILD_TAU = 0.05
 #: at most this many steps of blocks with rises are kept (the oldest go first; ~60 µs a step to rebuild)
 MAX_STEPS = 20_000
 #: blocks without a rise still inform each candidate's coefficients (the rows without falling edges:
-#: fitted on the rising blocks alone, the estimates ran ~0.5 ms late on the twin): kept while the
-#: device has had rises, if they are this small (a quiet device; a busy one has no rises to explain),
-#: and at most this many steps of them
+#: fitted on the rising blocks alone, the estimates ran ~0.5 ms late on the twin): kept up to this long
+#: after a rise, if they are this small (a quiet device; a busy one has no rises to explain), and at most
+#: this many steps of them. A device between the two pays at most ~120 ms of rows a 2 s block
+STEADY_AFTER_RISE_S = 300.0
 STEADY_BLOCK_STEPS = 2_000
 MAX_STEADY_STEPS = 20_000
 
@@ -66,16 +67,20 @@ class RiseHistory:
         self.tau_s: float | None = None  # the idle decay time constant the sums' rows were built with
         self.sums = Candidates()
         self.rebuilds = 0
+        self.last_rise_s: float | None = None  # where the last block with a rise ended
 
-    def wants(self, n_steps: int, rises: bool) -> bool:
-        """Whether a block of ``n_steps`` informs the sums: any with a rise; one without, only after a rise
-        and if small (see ``STEADY_BLOCK_STEPS``)."""
-        return rises or (self.steps[True] > 0 and n_steps <= STEADY_BLOCK_STEPS)
+    def wants(self, n_steps: int, rises: bool, t_s: float) -> bool:
+        """Whether a block of ``n_steps`` ending at ``t_s`` informs the sums: any with a rise; one without,
+        only soon after a rise and if small (see ``STEADY_BLOCK_STEPS``)."""
+        return rises or (self.last_rise_s is not None and t_s - self.last_rise_s <= STEADY_AFTER_RISE_S
+                         and n_steps <= STEADY_BLOCK_STEPS)
 
     def add(self, block: RiseBlock, coef: Coefficients) -> Candidates:
         """Add a block's rows (``coef``: the running fit's τ and capped steps); return the sums."""
         self.blocks.append(block)
         self.steps[block.rises] += len(block.cols.t_start)
+        if block.rises:
+            self.last_rise_s = float(block.b_t[-1])
         for kind in (True, False):
             while self.steps[kind] > self.limits[kind] and sum(b.rises == kind for b in self.blocks) > 1:
                 i = next(i for i, b in enumerate(self.blocks) if b.rises == kind)

@@ -27,7 +27,8 @@ def block_edges(b_t: np.ndarray, window_s: float) -> np.ndarray:
 
 
 def settle_device(cols: StepColumns, coef: Coefficients, e_t: np.ndarray, e_j: np.ndarray,
-                  origin: float, prev_end: float, prev_tail_w: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  origin: float, prev_end: float,
+                  prev_tail_w: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Give each block's measured energy (between block edges ``e_t`` with counter values ``e_j``)
     to the steps and gaps in it, in proportion to the model's prediction. A gap's prediction is the
     idle curve plus the fast tail of the step before it (``prev_tail_w``: the tail power of the step

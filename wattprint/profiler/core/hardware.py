@@ -28,9 +28,8 @@ REQUIRED_KEYS = (
     "peak_flops",
     "peak_bandwidth_bytes_s",
 )
-#: optional keys: (default, largest allowed value)
-DEFAULT_TAIL_FRACTION, DEFAULT_TAIL_TAU_S = 0.10, 0.020
-OPTIONAL_KEYS = {"power_tail_fraction": (DEFAULT_TAIL_FRACTION, 1.0), "power_tail_tau_s": (DEFAULT_TAIL_TAU_S, 1.0)}
+#: optional keys and the largest value each may take (their defaults: :class:`HardwareProfile`)
+OPTIONAL_KEYS = {"power_tail_fraction": 1.0, "power_tail_tau_s": 1.0}
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ class HardwareProfile:
     #: the fast tail after a busy step: this fraction of its dynamic power (above static) fades with
     #: time constant ``power_tail_tau_s`` in the gap after it; no ~100 ms counter resolves it, so the
     #: attribution takes both from the profile (estimates until measured on the board)
-    power_tail_fraction: float = DEFAULT_TAIL_FRACTION
-    power_tail_tau_s: float = DEFAULT_TAIL_TAU_S
+    power_tail_fraction: float = 0.10
+    power_tail_tau_s: float = 0.020
     fit: dict = field(default_factory=dict)
 
     @property
@@ -93,10 +92,10 @@ def profile_from_dict(data: dict, origin: str = "<dict>") -> HardwareProfile:
         values[key] = float(v)
     if values["tdp_w"] <= 0:
         raise ConfigError("hardware profile key 'tdp_w' must be positive", origin)
-    for key, (_, most) in OPTIONAL_KEYS.items():
+    for key, most in OPTIONAL_KEYS.items():
         if values.get(key, 0.0) > most:
             raise ConfigError(f"hardware profile key {key!r} must be at most {most:g}, got {values[key]!r}", origin)
-    if values.get("power_tail_tau_s", DEFAULT_TAIL_TAU_S) <= 0:
+    if values.get("power_tail_tau_s", 1.0) <= 0:
         raise ConfigError("hardware profile key 'power_tail_tau_s' must be positive", origin)
     fit = data.get("fit") or {}
     if not isinstance(fit, dict):

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--minutes", type=float, default=1.0,
+                    help="requests per trace: rate × this many minutes (at least 20, at most --requests)")
     ap.add_argument("--model", default="llama-3.1-8b", help="a model config in configs/models (name)")
     ap.add_argument("--hardware", default="h100-sxm", help="the twin's and the prior's hardware profile")
     ap.add_argument("--devices", type=int, default=1, help="tensor-parallel devices")
@@ -66,24 +68,27 @@ def main() -> None:
     hw = load_profile(args.hardware)
     print(f"## Offline vs online accuracy ({date.today()}, {platform.processor() or platform.machine()})\n")
     print(f"`.venv/bin/python bench/bench_online.py --rates {' '.join(map(str, args.rates))} "
-          f"--seeds {args.seeds} --first-seed {args.first_seed} --requests {args.requests} --model {args.model} "
+          f"--seeds {args.seeds} --first-seed {args.first_seed} --requests {args.requests} --minutes {args.minutes:g} "
+          f"--model {args.model} "
           f"--hardware {args.hardware} --devices {args.devices} --poll {args.poll}`\n")
     print("| rate (req/s) | seed | driver | request err median | p95 | prefill total | decode total | "
           "KV (v2) median | idle | conservation |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     worst = {"offline": {}, "online": {}}
+    delays = []  # online: each final's delay after its request's last step (s), before the trace's end
     for rate in args.rates:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            n = max(20, min(args.requests, int(rate * 60)))
+            n = max(20, min(args.requests, int(rate * 60 * args.minutes)))
             spec = WorkloadSpec(requests=n, rate_rps=rate, seed=1000 + seed, busy_s=40, quiet_s=4)
             # recording starts with the workload: the poller starts 10 ms before the first step
             sim = simulate(g, hw, spec, n_devices=args.devices, poll_schedule=args.poll, record_lead_s=0.01)
             energy = sim.energy
             t_end = max(e.t for e in energy)
-            t_end = max(e.t for e in energy)
             off = attribute(sim.steps, energy, g, hw, source="simulated")
             on = replay_online(sim.steps, readings_from_samples(energy, "simulated"), g, hw, source="simulated",
                                meter_hz=50.0)
+            delays += [on.emitted_at_s[r.id] - r.t_end for r in on.requests
+                       if r.status == "final" and on.emitted_at_s[r.id] < t_end]
             for name, res in (("offline", off), ("online", on)):
                 span_idle = true_idle(sim, res.totals.t_start, res.totals.t_end or t_end)
                 e = errors(res.requests, res.totals, sim, span_idle)
@@ -96,6 +101,10 @@ def main() -> None:
         print(f"| **worst** | | {name} | {100 * w['median']:.2f} % | {100 * w['p95']:.2f} % | "
               f"{100 * w['prefill']:.2f} % | {100 * w['decode']:.2f} % | {100 * w['kv']:.2f} % | "
               f"{100 * w['idle']:.1f} % | {w['cons']:.1e} |")
+    if delays:
+        d = np.array(delays)
+        print(f"\nOnline finals emitted before the trace's end: {len(d)}; delay after the request's last step "
+              f"(trace time): median {np.median(d):.0f} s, p95 {np.percentile(d, 95):.0f} s, max {d.max():.0f} s")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from wattprint.profiler.attribution.fit import (
     NormalEquations,
     fit_report,
     fit_rows,
+    flop_energy_rel_sigma,
     noise_j2,
     parabola_vertex,
     posterior,
@@ -54,6 +55,7 @@ class OnlineDevice:
         self._noise2 = noise_j2(coef)
         #: one set of sufficient statistics per idle-decay time constant: tau is fitted online too
         self._ne = {tau: NormalEquations() for tau in ONLINE_TAU_GRID_S}
+        self._best_ne: NormalEquations | None = None  # the statistics at the fitted time constant
         self.report: dict = {"fitted": [], "from_profile": [*COEF_NAMES, *PROFILE_ONLY_NAMES],
                              "counter_latency_s": 0.0}
 
@@ -138,7 +140,7 @@ class OnlineDevice:
         k = int(np.argmin(resid))
         tau, theta = between_grid_points(taus, thetas, resid, k)
         self.coef = self.coef.with_theta(theta, tau)
-        ne = self._ne[taus[k]]
+        ne = self._best_ne = self._ne[taus[k]]
         if not refit:
             self._update_latency(cols, b_t, b_e, prev_end, decay, first, new_after)
             self._reshift(-np.inf if settled_until is None else settled_until + RESHIFT_GUARD_S)
@@ -161,6 +163,14 @@ class OnlineDevice:
         if usable(sums.n_rise, sigma):
             self.latency_s = best
 
+    def flop_rel_sigma(self, cols: StepColumns) -> np.ndarray:
+        """How well the running fit knows each step's energy per FLOP (at its utilisation): the
+        posterior standard deviation relative to the value (``inf`` before the fit has solved)."""
+        u = self.coef.utilisation(cols.step_flops, cols.dt)
+        if not self.fit or self._best_ne is None:
+            return np.full(len(u), np.inf if self.fit else 0.0)
+        return flop_energy_rel_sigma(self._best_ne, self.coef.theta, self._lam, self._noise2, u)
+
     @property
     def needs_refit(self) -> bool:
         """Whether the latency moved so far since the running fit's rows were built that they should be
@@ -171,6 +181,7 @@ class OnlineDevice:
         """Forget the running fit's rows (built with another latency); the blocks not yet settled are
         then fitted again (``first``: starting from the first block)."""
         self._ne = {tau: NormalEquations() for tau in ONLINE_TAU_GRID_S}
+        self._best_ne = None
         self._fit_latency_s = self.latency_s
         self._first_block = first
 

@@ -127,11 +127,36 @@ def posterior(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray, noise2: f
     for rows uncertain by ``noise2`` (J², see :func:`prior_precision`); the residuals' variance replaces
     it (a meter polled more coarsely, or a noisier board, leaves more to the profile)."""
     theta = solve(ne, prior, lam)
-    dof = ne.n - len(prior)
-    if dof < len(prior):
-        return theta
-    scale = float(np.clip(rss(ne, theta) / dof / noise2, NOISE_SCALE_MIN, NOISE_SCALE_MAX))
-    return solve(ne, prior, lam * scale)
+    scale = noise_scale(ne, theta, noise2)
+    return theta if scale is None else solve(ne, prior, lam * scale)
+
+
+def noise_scale(ne: NormalEquations, theta: np.ndarray, noise2: float) -> float | None:
+    """The residuals' variance relative to the stated noise (within its bounds); None while the rows
+    are too few to say (fewer than twice the coefficients)."""
+    dof = ne.n - len(theta)
+    if dof < len(theta):
+        return None
+    return float(np.clip(rss(ne, theta) / dof / noise2, NOISE_SCALE_MIN, NOISE_SCALE_MAX))
+
+
+def flop_energy_rel_sigma(ne: NormalEquations, theta: np.ndarray, lam: np.ndarray, noise2: float,
+                          u: np.ndarray) -> np.ndarray:
+    """How well the rows determine the energy per FLOP ``e_f + e_fu·u`` at each utilisation ``u``: its
+    posterior standard deviation relative to its value (``inf`` where the value is 0). The posterior
+    covariance is ``noise² · scale · (XᵀX + scale·Λ)⁻¹`` (the constraints and the light relative ridge
+    left out)."""
+    scale = noise_scale(ne, theta, noise2) or 1.0
+    lam = np.diag(lam) if lam.ndim == 1 else lam
+    try:
+        cov = noise2 * scale * np.linalg.inv(ne.xtx + scale * lam)
+    except np.linalg.LinAlgError:
+        return np.full(np.shape(u), np.inf)
+    u = np.asarray(u, dtype=float)
+    var = cov[_F, _F] + 2.0 * u * cov[_F, _FU] + u * u * cov[_FU, _FU]
+    value = theta[_F] + theta[_FU] * u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(value > 0, np.sqrt(np.maximum(var, 0.0)) / value, np.inf)
 
 
 def solve(ne: NormalEquations, prior: np.ndarray, lam: np.ndarray) -> np.ndarray:

@@ -16,9 +16,12 @@ from wattprint.profiler.attribution.features import FAR_PAST_S
 from wattprint.profiler.attribution.pacing import (  # noqa: F401 (the lead's bounds, re-exported)
     MAX_LEAD_ENTRIES,
     MIN_LEAD_WINDOWS,
+    SettleHold,
     fit_lead_s,
+    fit_origins,
     fit_timing,
     refit_blocks,
+    shutdown_end,
 )
 from wattprint.profiler.attribution.pending import (
     Added,
@@ -87,6 +90,7 @@ class OnlineAttributor:
         self._totals = Totals(0.0, 0.0, 0.0, source, device_measured_j=[0.0] * n_devices)
         self.late_steps = 0
         self._flushing = False
+        self._hold = SettleHold()
 
     # ---- input
     def add_step(self, step: StepRecord) -> None:
@@ -279,35 +283,22 @@ class OnlineAttributor:
                 or self._fitted_until < end + fit_lead_s(self.lookahead_s, self.window_s, self._pending.n_entries)
                 or self._fitted_until - self._fit_from < self.warmup_s):
             return False  # wait until the fit has seen the counter past this block
+        hold = self._dev[0].fit and not self._flushing and self._hold.may(
+            end, self._fitted_until, self._pending.n_entries, self.lookahead_s, self.window_s)
+        if hold and self._hold.still(end, self._fitted_until, self.window_s):
+            return False  # waiting for the fit to know its compute-bound steps
         steps = np.flatnonzero(self._pending.col("t_start") < end)
         cols = self._pending.columns(steps, self.g, self.table.ids) if len(steps) else None
-        step_energy = np.zeros(len(steps))
-        step_static = np.zeros(len(steps))
-        e_flop = np.zeros(len(steps))
-        e_byte = 0.0
+        if hold and cols is not None and self._hold.decide(end, self._fitted_until, self._dev, cols):
+            return False  # wait until the fit knows what its compute-bound steps cost
         tot = self._totals
-        for d, dev in enumerate(self._dev):
-            e0, e1 = dev.energy_at(start), dev.energy_at(end)
-            measured = e1 - e0
-            if cols is not None:
-                energy, idle, static, dev.prev_tail_w = settle_device(
-                    cols, dev.coef, np.array([start, end]), np.array([e0, e1]), start, self._prev_end, dev.prev_tail_w)
-                step_energy += energy
-                step_static += static
-                e_flop += dev.coef.flop_energy_j(cols)
-                e_byte += dev.coef.energy_per_byte_j
-                tot.idle_j += float(idle.sum())
-            else:
-                tot.idle_j += measured
-            tot.device_measured_j[d] += measured
-            tot.measured_j += measured
-            dev.forget_before(end)
+        parts = settle_devices(self._dev, cols, len(steps), start, end, self._prev_end, tot)
         if tot.t_start is None:
             tot.t_start = start
         tot.t_end = end
         self._settled_until = end
         if cols is not None:
-            self._account(cols, step_energy, step_static, e_flop, e_byte, end)
+            self._account(cols, *parts, end)
         tot.coefficients = self.coefficients
         return True
 
@@ -346,22 +337,26 @@ class OnlineAttributor:
         self._emitted = set()
 
 
-def shutdown_end(devices: Sequence[OnlineDevice], start: float, end: float | None) -> float | None:
-    """At shutdown a block may be shorter: it ends at device 0's last change that every device's counter
-    covers (``end``, the window rule's end, if that is covered)."""
-    if not all(d.b_t for d in devices):
-        return end
-    covered = min(d.b_t[-1] for d in devices)
-    if end is not None and end <= covered:
-        return end
-    return next((b for b in reversed(devices[0].b_t) if start < b <= covered), None)
-
-
-def fit_origins(devices: Sequence[OnlineDevice], start: float, settled_until: float | None,
-                first_block: bool) -> list[float]:
-    """Where each device's fit rows for the block from ``start`` begin: they reach back into the
-    previous block (its steps are still held: settlement lags the fit), see :meth:`OnlineDevice.fit_origin`."""
-    if first_block:
-        return [start for _ in devices]
-    held = -math.inf if settled_until is None else settled_until
-    return [dev.fit_origin(start, held) for dev in devices]
+def settle_devices(devices: Sequence[OnlineDevice], cols: StepColumns | None, n_steps: int, start: float,
+                   end: float, prev_end: float, tot: Totals) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Settle the block [start, end] on every device (its steps ``cols``, None if it holds none): add the
+    measured and idle joules to ``tot``; return the steps' energy, static energy and energy per FLOP
+    (summed over devices) and the devices' summed energy per byte."""
+    step_energy, step_static, e_flop, e_byte = np.zeros(n_steps), np.zeros(n_steps), np.zeros(n_steps), 0.0
+    for d, dev in enumerate(devices):
+        e0, e1 = dev.energy_at(start), dev.energy_at(end)
+        measured = e1 - e0
+        if cols is not None:
+            energy, idle, static, dev.prev_tail_w = settle_device(
+                cols, dev.coef, np.array([start, end]), np.array([e0, e1]), start, prev_end, dev.prev_tail_w)
+            step_energy += energy
+            step_static += static
+            e_flop += dev.coef.flop_energy_j(cols)
+            e_byte += dev.coef.energy_per_byte_j
+            tot.idle_j += float(idle.sum())
+        else:
+            tot.idle_j += measured
+        tot.device_measured_j[d] += measured
+        tot.measured_j += measured
+        dev.forget_before(end)
+    return step_energy, step_static, e_flop, e_byte

@@ -36,6 +36,8 @@ class OnlineReplay:
     totals: Totals
     readings: int
     messages: int
+    #: each record's trace time when the driver emitted it (those from the shutdown: the last event's)
+    emitted_at_s: dict[str, float]
 
 
 def resample(readings: Sequence[Reading], rate_hz: float) -> list[Reading]:
@@ -99,7 +101,8 @@ def replay_online(steps: Sequence[StepRecord], readings: Sequence[Reading], g: M
     events = heapq.merge(((r.t_s, 0, r) for r in polls), ((t, 1, b) for t, b in messages),
                          key=lambda e: (e[0], e[1]))
     out: list[RequestResult] = []
-    next_advance = -math.inf
+    emitted: dict[str, float] = {}
+    next_advance, t = -math.inf, -math.inf
     for t, kind, item in events:
         if kind == 0:
             on.add_reading(item)
@@ -108,7 +111,11 @@ def replay_online(steps: Sequence[StepRecord], readings: Sequence[Reading], g: M
             if added.invalid:
                 raise InputError(added.invalid[0][1])
         if t >= next_advance:
-            out += on.advance(t)
+            new = on.advance(t)
+            emitted.update((r.id, t) for r in new)
+            out += new
             next_advance = t + ADVANCE_EVERY_S
-    out += on.finish()
-    return OnlineReplay(out, on.totals(), len(polls), len(messages))
+    new = on.finish()
+    emitted.update((r.id, t) for r in new)
+    out += new
+    return OnlineReplay(out, on.totals(), len(polls), len(messages), emitted)

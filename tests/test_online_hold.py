@@ -4,8 +4,6 @@ utilisation slope. The hold is bounded in time and yields to the memory bound.""
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 import pytest
 
@@ -14,7 +12,7 @@ from wattprint.profiler.attribution.coefficients import COEF_NAMES
 from wattprint.profiler.attribution.fit import NormalEquations, flop_energy_rel_sigma
 from wattprint.profiler.attribution.online import OnlineAttributor
 from wattprint.profiler.attribution.pacing import HOLD_REL_SIGMA, undetermined
-from wattprint.profiler.attribution.replay import hook_batches, replay_online, resample
+from wattprint.profiler.attribution.replay import arrivals, hook_batches, replay_online, resample
 from wattprint.profiler.meters.replay import readings_from_samples
 from wattprint.profiler.twin.simulate import WorkloadSpec, simulate
 
@@ -88,9 +86,7 @@ def _settled_at(sim, g, hw, t_stop: float) -> float | None:
     """The last settled instant when the sidecar's feed has reached ``t_stop`` (trace time)."""
     on = OnlineAttributor(g, hw, n_devices=1, source="simulated", fit_lookahead_s=20.0)
     polls = resample(readings_from_samples(sim.energy, "simulated"), 50.0)
-    events = heapq.merge(((r.t_s, 0, r) for r in polls), ((t, 1, b) for t, b in hook_batches(sim.steps)),
-                         key=lambda e: (e[0], e[1]))
-    for t, kind, item in events:
+    for t, kind, item in arrivals(polls, hook_batches(sim.steps)):
         if t > t_stop:
             break
         on.add_reading(item) if kind == 0 else on.add_steps(item)

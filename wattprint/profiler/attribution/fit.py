@@ -146,7 +146,8 @@ def flop_energy_rel_sigma(ne: NormalEquations, theta: np.ndarray, lam: np.ndarra
     posterior standard deviation relative to its value (``inf`` where the value is 0). The posterior
     covariance is ``noise² · scale · (XᵀX + scale·Λ)⁻¹`` (the constraints and the light relative ridge
     left out)."""
-    scale = noise_scale(ne, theta, noise2) or 1.0
+    scale = noise_scale(ne, theta, noise2)
+    scale = 1.0 if scale is None else scale
     lam = np.diag(lam) if lam.ndim == 1 else lam
     try:
         cov = noise2 * scale * np.linalg.inv(ne.xtx + scale * lam)

@@ -278,13 +278,14 @@ class OnlineAttributor:
         if edges is None:
             return False
         start, end = edges
-        if self._dev[0].fit and not self._flushing and (
+        fitting = self._dev[0].fit and not self._flushing
+        if fitting and (
                 self._fitted_until is None
                 or self._fitted_until < end + fit_lead_s(self.lookahead_s, self.window_s, self._pending.n_entries)
                 or self._fitted_until - self._fit_from < self.warmup_s):
             return False  # wait until the fit has seen the counter past this block
-        hold = self._dev[0].fit and not self._flushing and self._hold.may(
-            end, self._fitted_until, self._pending.n_entries, self.lookahead_s, self.window_s)
+        hold = fitting and self._hold.may(end, self._fitted_until, self._pending.n_entries, self.lookahead_s,
+                                          self.window_s)
         if hold and self._hold.still(end, self._fitted_until, self.window_s):
             return False  # waiting for the fit to know its compute-bound steps
         steps = np.flatnonzero(self._pending.col("t_start") < end)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from wattprint.profiler.attribution.columns import StepColumns
     from wattprint.profiler.attribution.devices import OnlineDevice
 
 #: the fit's default lead over settlement, in windows (60 s): a block is settled with coefficients that
@@ -88,7 +89,7 @@ class SettleHold:
         return (self._held and self._end == end
                 and fitted_until < self._fitted_until + RECHECK_WINDOWS * window_s)
 
-    def decide(self, end: float, fitted_until: float, devices: Sequence[OnlineDevice], cols) -> bool:
+    def decide(self, end: float, fitted_until: float, devices: Sequence[OnlineDevice], cols: StepColumns) -> bool:
         """Whether the block (its steps ``cols``) waits: on any device, a compute-bound step's energy per
         FLOP is not known yet."""
         self._end, self._fitted_until = end, fitted_until

@@ -83,6 +83,13 @@ def hook_batches(steps: Sequence[StepRecord]) -> list[tuple[float, list[StepReco
     return out
 
 
+def arrivals(polls: Sequence[Reading], messages: list[tuple[float, list[StepRecord]]]):
+    """Meter polls and the hook's messages in the order the sidecar receives them: ``(t, 0, reading)``
+    and ``(t, 1, steps)``, a reading before a message at the same instant."""
+    return heapq.merge(((r.t_s, 0, r) for r in polls), ((t, 1, b) for t, b in messages),
+                       key=lambda e: (e[0], e[1]))
+
+
 def replay_online(steps: Sequence[StepRecord], readings: Sequence[Reading], g: ModelGeometry,
                   hw: HardwareProfile, *, source: str, meter_hz: float | None = None, window_s: float = 2.0,
                   model_name: str | None = None, **online_kw) -> OnlineReplay:
@@ -97,13 +104,10 @@ def replay_online(steps: Sequence[StepRecord], readings: Sequence[Reading], g: M
     on = OnlineAttributor(g, hw, n_devices=n_dev, source=source, model_name=model_name, window_s=window_s,
                           **online_kw)
     messages = hook_batches(steps)
-    # events in arrival order: readings (0) before messages (1) at the same instant
-    events = heapq.merge(((r.t_s, 0, r) for r in polls), ((t, 1, b) for t, b in messages),
-                         key=lambda e: (e[0], e[1]))
     out: list[RequestResult] = []
     emitted: dict[str, float] = {}
     next_advance, t = -math.inf, -math.inf
-    for t, kind, item in events:
+    for t, kind, item in arrivals(polls, messages):
         if kind == 0:
             on.add_reading(item)
         else:
